@@ -1,0 +1,74 @@
+"""Shared test helpers: fixture paths, subprocess runners, small networks."""
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(os.path.dirname(ROOT), 'shared', 'fixtures')
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def fixture_file(name):
+    """Path of a reference fixture; skips the test when ../shared/fixtures is absent."""
+    path = os.path.join(FIXTURES, name)
+    if not os.path.isfile(path):
+        pytest.skip(f'reference fixture {name} not found in {FIXTURES} (only present in the development checkout)')
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra):
+    """Environment for a child process with only the project on the path, single-threaded."""
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}
+    env['PYTHONPATH'] = ROOT
+    env.setdefault('OMP_NUM_THREADS', '1')
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_script(args, cwd=None, check=True, timeout=600, env=None):
+    """Run `python <args...>` from the project root; returns the CompletedProcess (text output)."""
+    cmd = [sys.executable] + [str(a) for a in args]
+    res = subprocess.run(cmd, cwd=cwd or ROOT, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f'command failed ({res.returncode}): {" ".join(cmd)}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}')
+    return res
+
+
+def run_torchrun(args, nproc=2, cwd=None, check=True, timeout=600, env=None):
+    """Run a script under `torchrun --nproc_per_node=N` on loopback with the gloo backend."""
+    torchrun_args = ['-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1',
+                     f'--master_port={free_port()}']
+    return run_script(torchrun_args + list(args), cwd=cwd, check=check, timeout=timeout, env=env)
+
+
+def make_tiny_net(label_dim=0, img_channels=3, img_resolution=8, precond='EDMPrecond', seed=0):
+    """A small DDPM++-style network with random (perturbed) weights."""
+    import torch
+    from training import networks
+    torch.manual_seed(seed)
+    net = getattr(networks, precond)(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                                     model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                                     attn_resolutions=[4], dropout=0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.eval().requires_grad_(False)
+
+
+def write_network_pkl(path, net):
+    """Write a network pickle in the layout train.py uses."""
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs=None), f)
+    return str(path)

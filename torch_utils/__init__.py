@@ -1,0 +1,1 @@
+"""PyTorch plumbing: persistence, distributed setup, statistics, misc helpers."""

@@ -1,0 +1,82 @@
+"""Process-group setup for single- and multi-process runs (`torchrun`):
+NCCL on CUDA, gloo on the CPU."""
+
+import os
+import sys
+
+import torch
+
+from . import training_stats
+from .misc import choose_device
+
+#----------------------------------------------------------------------------
+
+def init(device=None):
+    """Initialise this process and return its device.
+
+    `device` is None (CUDA when available, else the CPU), 'cpu', 'cuda' or
+    'cuda:N'. Under torchrun each rank on CUDA takes GPU LOCAL_RANK. A single
+    process without torchrun needs no process group and starts none.
+    """
+    if 'MASTER_ADDR' not in os.environ:
+        os.environ['MASTER_ADDR'] = 'localhost'
+    if 'MASTER_PORT' not in os.environ:
+        os.environ['MASTER_PORT'] = '29500'
+    if 'RANK' not in os.environ:
+        os.environ['RANK'] = '0'
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = '0'
+    if 'WORLD_SIZE' not in os.environ:
+        os.environ['WORLD_SIZE'] = '1'
+
+    device = choose_device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']) % torch.cuda.device_count())
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+
+    world_size = int(os.environ['WORLD_SIZE'])
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = 'nccl' if device.type == 'cuda' and sys.platform != 'win32' else 'gloo'
+        torch.distributed.init_process_group(backend=backend, init_method='env://')
+
+    sync_device = (device if device.type == 'cuda' else torch.device('cpu')) if get_world_size() > 1 else None
+    try:
+        training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+    except RuntimeError:
+        pass # already synced once in this process (e.g. init() called twice)
+    return device
+
+#----------------------------------------------------------------------------
+
+def get_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+#----------------------------------------------------------------------------
+
+def get_world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+#----------------------------------------------------------------------------
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+#----------------------------------------------------------------------------
+
+def should_stop():
+    return False
+
+#----------------------------------------------------------------------------
+
+def update_progress(cur, total):
+    _ = cur, total
+
+#----------------------------------------------------------------------------
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""Persistent classes: pickles that carry the source code of their defining
+module, so they load after the code has changed or is gone (format version 6,
+the one used by the published EDM network pickles)."""
+
+import copy
+import inspect
+import io
+import pickle
+import sys
+import types
+import uuid
+
+import dnnlib
+
+#----------------------------------------------------------------------------
+
+_version            = 6         # Format version; must match in both directions.
+_decorators         = set()     # {decorator_class, ...}
+_import_hooks       = []        # [hook_function, ...]
+_module_to_src_dict = dict()    # {module: src, ...}
+_src_to_module_dict = dict()    # {src: module, ...}
+
+#----------------------------------------------------------------------------
+
+def persistent_class(orig_class):
+    """Class decorator: instances pickle together with the source code of the
+    class's whole module, and record their constructor arguments
+    (`init_args`, `init_kwargs`)."""
+    if not isinstance(orig_class, type):
+        raise TypeError('persistent_class() expects a class')
+    if is_persistent(orig_class):
+        return orig_class
+
+    if orig_class.__module__ not in sys.modules:
+        raise ValueError(f'module {orig_class.__module__!r} of {orig_class.__name__} is not loaded')
+    orig_module = sys.modules[orig_class.__module__]
+    orig_module_src = _module_to_src(orig_module)
+
+    class Decorator(orig_class):
+        _orig_module_src = orig_module_src
+        _orig_class_name = orig_class.__name__
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            record_init_args = getattr(self, '_record_init_args', True)
+            self._init_args = copy.deepcopy(args) if record_init_args else None
+            self._init_kwargs = copy.deepcopy(kwargs) if record_init_args else None
+            if orig_class.__name__ not in orig_module.__dict__:
+                raise ValueError(f'{orig_class.__name__} must be defined at the top level of its module')
+            _check_pickleable(self.__reduce__())
+
+        @property
+        def init_args(self):
+            if self._init_args is None:
+                raise AttributeError('init_args were not recorded (_record_init_args = False)')
+            return copy.deepcopy(self._init_args)
+
+        @property
+        def init_kwargs(self):
+            if self._init_kwargs is None:
+                raise AttributeError('init_kwargs were not recorded (_record_init_args = False)')
+            return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
+
+        def __reduce__(self):
+            fields = list(super().__reduce__())
+            fields += [None] * max(3 - len(fields), 0)
+            if fields[0] is not _reconstruct_persistent_obj:
+                meta = dict(type='class', version=_version, module_src=self._orig_module_src, class_name=self._orig_class_name, state=fields[2])
+                fields[0] = _reconstruct_persistent_obj # reconstruct func
+                fields[1] = (meta,) # reconstruct args
+                fields[2] = None # state dict
+            return tuple(fields)
+
+    Decorator.__name__ = orig_class.__name__
+    Decorator.__qualname__ = orig_class.__qualname__
+    Decorator.__module__ = orig_class.__module__
+    _decorators.add(Decorator)
+    return Decorator
+
+#----------------------------------------------------------------------------
+
+def is_persistent(obj):
+    """Is the object or class persistent, i.e. will it save its source code when pickled?"""
+    try:
+        if obj in _decorators:
+            return True
+    except TypeError:
+        pass
+    return type(obj) in _decorators # pylint: disable=unidiomatic-typecheck
+
+#----------------------------------------------------------------------------
+
+def import_hook(hook):
+    """Register a function called with the `meta` dict of every persistent
+    object being unpickled, before its source is executed; it returns the
+    (possibly modified) meta. Use it to patch old source code on load."""
+    if not callable(hook):
+        raise TypeError('import_hook() expects a callable')
+    _import_hooks.append(hook)
+
+#----------------------------------------------------------------------------
+
+def _reconstruct_persistent_obj(meta):
+    """Hook called by pickle to rebuild a persistent object from its meta dict."""
+    meta = dnnlib.EasyDict(meta)
+    meta.state = dnnlib.EasyDict(meta.state)
+    for hook in _import_hooks:
+        meta = hook(meta)
+        if meta is None:
+            raise ValueError('a persistence import hook returned None')
+
+    if meta.version != _version:
+        raise ValueError(f'unsupported persistence format version {meta.version} (expected {_version})')
+    if meta.type != 'class':
+        raise ValueError(f'unsupported persistent object type {meta.type!r}')
+    module = _src_to_module(meta.module_src)
+    orig_class = module.__dict__[meta.class_name]
+    decorator_class = persistent_class(orig_class)
+    obj = decorator_class.__new__(decorator_class)
+
+    setstate = getattr(obj, '__setstate__', None)
+    if callable(setstate):
+        setstate(meta.state) # pylint: disable=not-callable
+    else:
+        obj.__dict__.update(meta.state)
+    return obj
+
+#----------------------------------------------------------------------------
+
+def _module_to_src(module):
+    """Source code of a module (cached; modules executed from pickles keep theirs)."""
+    src = _module_to_src_dict.get(module, None)
+    if src is None:
+        src = inspect.getsource(module)
+        _module_to_src_dict[module] = src
+        _src_to_module_dict[src] = module
+    return src
+
+def _src_to_module(src):
+    """Execute source code as a fresh module, once per distinct source text."""
+    module = _src_to_module_dict.get(src, None)
+    if module is None:
+        module_name = "_imported_module_" + uuid.uuid4().hex
+        module = types.ModuleType(module_name)
+        sys.modules[module_name] = module
+        _module_to_src_dict[module] = src
+        _src_to_module_dict[src] = module
+        exec(src, module.__dict__) # pylint: disable=exec-used
+    return module
+
+#----------------------------------------------------------------------------
+
+def _check_pickleable(obj):
+    """Fail early if the state cannot be pickled; large tensors and arrays are skipped for speed."""
+    def recurse(obj):
+        if isinstance(obj, (list, tuple, set)):
+            return [recurse(x) for x in obj]
+        if isinstance(obj, dict):
+            return [[recurse(x), recurse(y)] for x, y in obj.items()]
+        if isinstance(obj, (str, int, float, bool, bytes, bytearray)):
+            return None # Python primitive types are pickleable.
+        if f'{type(obj).__module__}.{type(obj).__name__}' in ['numpy.ndarray', 'torch.Tensor', 'torch.nn.parameter.Parameter']:
+            return None # NumPy arrays and PyTorch tensors are pickleable.
+        if is_persistent(obj):
+            return None # Persistent objects are pickleable, by virtue of the constructor check.
+        return obj
+    with io.BytesIO() as f:
+        pickle.dump(recurse(obj), f)

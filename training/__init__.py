@@ -1,0 +1,1 @@
+"""The research code: networks, losses, augmentation, datasets, training loop."""
