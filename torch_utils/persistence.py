@@ -163,6 +163,8 @@ def _check_pickleable(obj):
             return None # NumPy arrays and PyTorch tensors are pickleable.
         if is_persistent(obj):
             return None # Persistent objects are pickleable, by virtue of the constructor check.
+        if type(obj).__module__.startswith('torch.nn.') and hasattr(obj, '__dict__'):
+            return recurse(vars(obj)) # torch's own containers (ModuleDict, ...): check their contents, skip their weights.
         return obj
     with io.BytesIO() as f:
         pickle.dump(recurse(obj), f)

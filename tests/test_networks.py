@@ -1,0 +1,308 @@
+"""Networks and preconditioners against the reference fixtures (net-*.npz):
+parameter names, outputs, gradients, pickles, and the optional fast paths."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_file, run_script, write_network_pkl
+from training import networks
+
+NET_FIXTURES = [
+    'net-edm-adm-uncond-aug',
+    'net-edm-ddpmpp-cond-aug',
+    'net-iddpm-adm-cond',
+    'net-ve-ncsnpp-uncond-gray',
+    'net-vp-songunet-skip-cond',
+]
+
+OUT_TOL = 1e-5      # Max abs error relative to max |reference| (outputs, grad_x).
+GRAD_TOL = 2e-5     # The same, per parameter gradient tensor (float32 reductions).
+
+#----------------------------------------------------------------------------
+
+def load_fixture(name):
+    return np.load(fixture_file(f'{name}.npz'))
+
+def build_net(d, **overrides):
+    """Network from the fixture config, with the fixture's parameters loaded strictly."""
+    meta = json.loads(str(d['meta']))
+    config = dict(meta['config'], **overrides)
+    net = getattr(networks, config.pop('class_name'))(**config)
+    net.load_state_dict({k[len('param/'):]: torch.from_numpy(d[k]) for k in d.files if k.startswith('param/')}, strict=True)
+    return net, meta
+
+def net_inputs(d):
+    """(x, sigma, class_labels or None, model kwargs) as the fixture used them."""
+    x = torch.from_numpy(d['x'])
+    sigma = torch.from_numpy(d['sigma'])
+    labels = torch.from_numpy(d['class_labels'])
+    kwargs = dict(augment_labels=torch.from_numpy(d['augment_labels'])) if 'augment_labels' in d.files else {}
+    return x, sigma, (labels if labels.shape[1] else None), kwargs
+
+def rel_err(actual, expected):
+    if isinstance(expected, torch.Tensor):
+        expected = expected.detach().cpu().numpy()
+    expected = np.asarray(expected, dtype=np.float64)
+    actual = actual.detach().to(torch.float64).cpu().numpy()
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+def fixture_gradients(net, d):
+    """Gradients of sum(out * grad_weight) w.r.t. x and every parameter, in train mode."""
+    x, sigma, labels, kwargs = net_inputs(d)
+    x = x.clone().requires_grad_(True)
+    net.train().requires_grad_(True)
+    net.zero_grad(set_to_none=True)
+    out = net(x, sigma, labels, **kwargs)
+    (out * torch.from_numpy(d['grad_weight'])).sum().backward()
+    return x.grad, {name: p.grad for name, p in net.named_parameters()}
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', NET_FIXTURES)
+def test_fixture_names_shapes_and_constants(name):
+    d = load_fixture(name)
+    net, meta = build_net(d)
+    expected = {k[len('param/'):]: d[k].shape for k in d.files if k.startswith('param/')}
+    actual = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert list(actual) == list(expected)
+    assert actual == expected
+    assert sum(p.numel() for p in net.parameters()) == meta['num_params']
+    assert net.sigma_min == meta['sigma_min']
+    assert net.sigma_max == meta['sigma_max']
+
+@pytest.mark.parametrize('name', NET_FIXTURES)
+def test_fixture_outputs(name):
+    d = load_fixture(name)
+    net, _ = build_net(d)
+    x, sigma, labels, kwargs = net_inputs(d)
+    with torch.no_grad():
+        out = net.eval()(x, sigma, labels, **kwargs)
+        out_without_labels = net(x, sigma, None, **kwargs)
+    assert out.dtype == torch.float32 and out.shape == d['out'].shape
+    assert rel_err(out, d['out']) < OUT_TOL
+    assert rel_err(out_without_labels, d['out_without_labels']) < OUT_TOL
+
+@pytest.mark.parametrize('name', NET_FIXTURES)
+def test_fixture_gradients(name):
+    d = load_fixture(name)
+    net, _ = build_net(d)
+    grad_x, grads = fixture_gradients(net, d)
+    assert rel_err(grad_x, d['grad_x']) < OUT_TOL
+    expected = {k[len('grad/'):] for k in d.files if k.startswith('grad/')}
+    assert set(grads) == expected
+    errors = {n: rel_err(g, d[f'grad/{n}']) for n, g in grads.items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < GRAD_TOL, f'{worst}: {errors[worst]:.3g}'
+
+def test_iddpm_round_sigma():
+    d = load_fixture('net-iddpm-adm-cond')
+    net, _ = build_net(d)
+    sigma = torch.from_numpy(d['round_sigma_in'])
+    rounded = net.round_sigma(sigma)
+    index = net.round_sigma(sigma, return_index=True)
+    assert rounded.shape == sigma.shape and rounded.dtype == sigma.dtype
+    np.testing.assert_array_equal(rounded.numpy(), d['round_sigma_out'])
+    np.testing.assert_array_equal(index.numpy(), d['round_sigma_index'])
+    # Shape and dtype are kept for other inputs too; values are entries of u.
+    grid = net.round_sigma(torch.tensor([[0.5, 3.0], [80.0, 0.01]], dtype=torch.float64))
+    assert grid.shape == (2, 2) and grid.dtype == torch.float64
+    assert all(float(v) in set(net.u.tolist()) for v in grid.flatten().float())
+
+def test_vp_sigma_inv_inverts_sigma():
+    net = networks.VPPrecond(img_resolution=8, img_channels=1, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    t = torch.linspace(0.01, 1, 50, dtype=torch.float64)
+    np.testing.assert_allclose(net.sigma_inv(net.sigma(t)).numpy(), t.numpy(), rtol=1e-12)
+
+#----------------------------------------------------------------------------
+# Pickles.
+
+CHILD_LOAD = '''
+import pickle, sys
+import numpy as np, torch
+sys.modules['training.networks'] = None # The pickle must carry the network source itself.
+pkl, inputs, result = sys.argv[1:4]
+with open(pkl, 'rb') as f:
+    net = pickle.load(f)['ema']
+d = np.load(inputs)
+with torch.no_grad():
+    out = net(torch.from_numpy(d['x']), torch.from_numpy(d['sigma']))
+np.savez(result, out=out.numpy(), module=type(net).__module__, init_kwargs=repr(sorted(net.init_kwargs.items())))
+'''
+
+def test_pickle_loads_in_fresh_process(tmp_path):
+    d = load_fixture('net-ve-ncsnpp-uncond-gray')
+    net, meta = build_net(d)
+    net = net.eval().requires_grad_(False)
+    x, sigma, _, _ = net_inputs(d)
+    with torch.no_grad():
+        expected = net(x, sigma)
+    pkl = write_network_pkl(tmp_path / 'net.pkl', net)
+    np.savez(tmp_path / 'inputs.npz', x=d['x'], sigma=d['sigma'])
+    run_script(['-c', CHILD_LOAD, pkl, tmp_path / 'inputs.npz', tmp_path / 'result.npz'])
+    result = np.load(tmp_path / 'result.npz')
+    assert str(result['module']).startswith('_imported_module_')
+    config = dict(meta['config'])
+    config.pop('class_name')
+    assert str(result['init_kwargs']) == repr(sorted(config.items()))
+    np.testing.assert_allclose(result['out'], expected.numpy(), rtol=0, atol=1e-6 * float(expected.abs().max()))
+    assert rel_err(torch.from_numpy(result['out']), d['out']) < OUT_TOL
+
+def test_pickle_roundtrip_in_process_keeps_attention_choice():
+    d = load_fixture('net-edm-ddpmpp-cond-aug')
+    net, _ = build_net(d)
+    assert networks.set_attention_impl(net, 'sdpa') > 0
+    clone = pickle.loads(pickle.dumps(net.eval()))
+    x, sigma, labels, kwargs = net_inputs(d)
+    with torch.no_grad():
+        assert torch.equal(clone(x, sigma, labels, **kwargs), net(x, sigma, labels, **kwargs))
+    assert all(m.use_sdpa for m in clone.modules() if type(m).__name__ == 'UNetBlock')
+
+#----------------------------------------------------------------------------
+# Published configurations (reference parameter counts).
+
+def test_full_size_cifar10_ddpmpp_param_count():
+    net = networks.VPPrecond(img_resolution=32, img_channels=3, label_dim=10, augment_dim=9, model_type='SongUNet',
+                             embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                             channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2])
+    assert sum(p.numel() for p in net.parameters()) == 55_735_299
+
+@pytest.mark.slow
+def test_full_size_imagenet64_adm_param_count():
+    net = networks.EDMPrecond(img_resolution=64, img_channels=3, label_dim=1000, model_type='DhariwalUNet',
+                              model_channels=192, channel_mult=[1, 2, 3, 4])
+    assert sum(p.numel() for p in net.parameters()) == 295_899_267
+
+#----------------------------------------------------------------------------
+# Attention: float32 softmax, and the opt-in SDPA path.
+
+def attention_inputs(dtype, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn([6, 16, 20], generator=gen) * scale for _ in range(3))
+    return [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+
+def attention_closed_form(q, k, v):
+    """softmax_j(q_i . k_j / sqrt(c)) v_j in float64."""
+    q, k, v = (t.detach().to(torch.float64).requires_grad_(True) for t in (q, k, v))
+    w = torch.einsum('ncq,nck->nqk', q, k / np.sqrt(q.shape[1])).softmax(dim=2)
+    return torch.einsum('nqk,nck->ncq', w, v), (q, k, v)
+
+@pytest.mark.parametrize('use_sdpa', [False, True])
+def test_attention_matches_closed_form(use_sdpa):
+    q, k, v = attention_inputs(torch.float32)
+    a = networks.attention(q, k, v, use_sdpa=use_sdpa)
+    a_ref, leaves = attention_closed_form(q, k, v)
+    g = torch.randn(a.shape, generator=torch.Generator().manual_seed(1))
+    (a * g).sum().backward()
+    (a_ref * g.double()).sum().backward()
+    assert a.dtype == torch.float32
+    assert rel_err(a, a_ref) < 1e-5
+    for t, t_ref in zip((q, k, v), leaves):
+        assert rel_err(t.grad, t_ref.grad) < 1e-5
+
+def test_sdpa_equals_reference_attention():
+    q, k, v = attention_inputs(torch.float32, seed=2)
+    a_ref = networks.attention(q, k, v)
+    grads_ref = torch.autograd.grad(a_ref.square().sum(), (q, k, v))
+    a = networks.attention(q, k, v, use_sdpa=True)
+    grads = torch.autograd.grad(a.square().sum(), (q, k, v))
+    assert rel_err(a, a_ref) < 1e-5
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-5
+
+def test_attention_weights_float32_for_bfloat16_inputs():
+    # Large logits: a bfloat16 softmax would be off by far more than one bfloat16 rounding.
+    q, k, _ = attention_inputs(torch.bfloat16, scale=3.0)
+    w = networks.AttentionOp.apply(q, k)
+    q64, k64 = (t.detach().double().requires_grad_(True) for t in (q, k))
+    w64 = torch.einsum('ncq,nck->nqk', q64, k64 / np.sqrt(q.shape[1])).softmax(dim=2)
+    g = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    (w.float() * g.float()).sum().backward()
+    (w64 * g.double()).sum().backward()
+    eps = 2.0 ** -8 # bfloat16 rounding
+    assert w.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16
+    np.testing.assert_allclose(w.double().detach().numpy(), w64.detach().numpy(), rtol=eps, atol=1e-30)
+    for t, t64 in ((q, q64), (k, k64)):
+        assert rel_err(t.grad, t64.grad) < 2 * eps
+
+def test_attention_ignores_autocast():
+    q, k, v = attention_inputs(torch.float32, scale=3.0)
+    expected = networks.attention(q, k, v).detach()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        w = networks.AttentionOp.apply(q, k)
+        a = networks.attention(q, k, v, use_sdpa=True)
+    assert w.dtype == torch.float32 and a.dtype == torch.float32
+    assert rel_err(a, expected) < 1e-5
+
+@pytest.mark.parametrize('name', ['net-edm-adm-uncond-aug', 'net-vp-songunet-skip-cond'])
+def test_sdpa_network_reproduces_fixture(name):
+    d = load_fixture(name)
+    net, _ = build_net(d)
+    assert networks.set_attention_impl(net, 'sdpa') > 0
+    x, sigma, labels, kwargs = net_inputs(d)
+    with torch.no_grad():
+        assert rel_err(net.eval()(x, sigma, labels, **kwargs), d['out']) < OUT_TOL
+    grad_x, grads = fixture_gradients(net, d)
+    assert rel_err(grad_x, d['grad_x']) < OUT_TOL
+    assert max(rel_err(g, d[f'grad/{n}']) for n, g in grads.items()) < GRAD_TOL
+    networks.set_attention_impl(net, 'reference')
+    assert not any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock')
+    with pytest.raises(ValueError, match='flash'):
+        networks.set_attention_impl(net, 'flash')
+
+#----------------------------------------------------------------------------
+# Precision and memory layout.
+
+def test_use_fp16_on_cpu_runs_float32():
+    d = load_fixture('net-edm-ddpmpp-cond-aug')
+    net16, _ = build_net(d, use_fp16=True)
+    net32, _ = build_net(d, use_fp16=False)
+    x, sigma, labels, kwargs = net_inputs(d)
+    with torch.no_grad():
+        out16 = net16.eval()(x, sigma, labels, **kwargs)
+        out32 = net32.eval()(x, sigma, labels, **kwargs)
+    assert out16.dtype == torch.float32
+    assert torch.equal(out16, out32)
+
+@pytest.mark.parametrize('name', NET_FIXTURES)
+def test_channels_last_reproduces_fixture(name):
+    d = load_fixture(name)
+    net, _ = build_net(d)
+    net = net.eval().to(memory_format=torch.channels_last)
+    x, sigma, labels, kwargs = net_inputs(d)
+    with torch.no_grad():
+        out = net(x.to(memory_format=torch.channels_last), sigma, labels, **kwargs)
+    assert rel_err(out, d['out']) < OUT_TOL
+
+@pytest.mark.parametrize('name', ['net-edm-adm-uncond-aug', 'net-ve-ncsnpp-uncond-gray'])
+def test_autocast_bfloat16_forward_backward(name):
+    d = load_fixture(name)
+    net, _ = build_net(d)
+    x, sigma, labels, kwargs = net_inputs(d)
+    net.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = net(x, sigma, labels, **kwargs)
+    out.square().mean().backward()
+    assert out.dtype == torch.float32 # The network boundary stays float32.
+    assert rel_err(out, d['out']) < 0.1 # bfloat16 keeps about 3 significant digits.
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in net.parameters())
+
+#----------------------------------------------------------------------------
+# Errors.
+
+def test_unknown_model_type_lists_valid_names():
+    with pytest.raises(ValueError, match='SongUNet.*DhariwalUNet'):
+        networks.EDMPrecond(img_resolution=8, img_channels=3, model_type='NoSuchUNet')
+
+def test_invalid_options_raise_value_error():
+    with pytest.raises(ValueError, match='init_mode'):
+        networks.weight_init([2, 2], mode='orthogonal', fan_in=2, fan_out=2)
+    with pytest.raises(ValueError, match='encoder_type'):
+        networks.SongUNet(img_resolution=8, in_channels=3, out_channels=3, encoder_type='unet')
+    with pytest.raises(ValueError, match='up and down'):
+        networks.Conv2d(4, 4, kernel=3, up=True, down=True)
+
+#----------------------------------------------------------------------------
