@@ -29,3 +29,38 @@ def load_network_pkl(network_pkl, key='ema', verbose=True):
     return data[key]
 
 #----------------------------------------------------------------------------
+
+def rebuild_network(net):
+    """Rebuild a loaded network from this project's classes and copy its weights by name.
+
+    Published pickles run the source code they carry; rebuilding gives them
+    our fast paths (SDPA attention, channels-last, torch.compile). The network
+    is rebuilt from its recorded class name and init_args/init_kwargs (the use
+    the persistence format intends) and must then have exactly the same
+    parameter and buffer names and shapes. Returns `net` itself, unchanged,
+    when its class is not one of ours or the rebuilt network does not match.
+    """
+    import torch
+    from torch_utils import misc, persistence
+    from training import networks
+
+    cls = getattr(networks, type(net).__name__, None)
+    if cls is None or not persistence.is_persistent(net) or not isinstance(net, torch.nn.Module):
+        return net
+    try:
+        rebuilt = cls(*net.init_args, **net.init_kwargs)
+    except (AttributeError, TypeError, ValueError):
+        return net
+    src = {name: t.shape for name, t in misc.named_params_and_buffers(net)}
+    dst = {name: t.shape for name, t in misc.named_params_and_buffers(rebuilt)}
+    if src != dst:
+        return net
+    misc.copy_params_and_buffers(net, rebuilt, require_all=True)
+    params = list(net.parameters())
+    device = params[0].device if params else torch.device('cpu')
+    rebuilt = rebuilt.to(device).train(net.training)
+    if params and not any(p.requires_grad for p in params):
+        rebuilt.requires_grad_(False)
+    return rebuilt
+
+#----------------------------------------------------------------------------
