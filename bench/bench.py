@@ -1,0 +1,289 @@
+"""Speed benchmark: sampling images/s at 35 NFE, training s/kimg, peak GPU
+memory, GFLOP per image and model FLOP utilisation (MFU), for the CIFAR-10
+DDPM++ and ImageNet-64 ADM configurations with random weights.
+
+    python bench/bench.py                                  # this checkout, every mode
+    python bench/bench.py --ref=/path/to/edm               # also the reference release, with ratios
+    python bench/bench.py --quick --device=cpu             # small configurations, smoke test
+
+Each measurement runs in its own subprocess (`--worker`), so a checkout
+given with `--ref` is imported in isolation with its own `training` package.
+Modes: fp32 (faithful default), tf32, fp16 (the network's own use_fp16 path),
+bf16 (autocast), and `fast` (bf16 autocast + channels-last + SDPA attention +
+torch.compile + fused Adam; this checkout only).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import click
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#----------------------------------------------------------------------------
+# Configurations (those of train.py for the published models).
+
+CONFIGS = {
+    'cifar10-ddpmpp': dict(res=32, ch=3, label_dim=10, sample_batch=256, train_batch=512, net=dict(
+        class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
+        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+        model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)),
+    'imagenet-adm': dict(res=64, ch=3, label_dim=1000, sample_batch=64, train_batch=64, net=dict(
+        class_name='training.networks.EDMPrecond', model_type='DhariwalUNet', model_channels=192,
+        channel_mult=[1, 2, 3, 4], dropout=0.10)),
+    # --quick: small enough for a CPU smoke test.
+    'tiny-ddpmpp': dict(res=16, ch=3, label_dim=10, sample_batch=8, train_batch=8, net=dict(
+        class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
+        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+        model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9, dropout=0.13)),
+    'tiny-adm': dict(res=16, ch=3, label_dim=10, sample_batch=8, train_batch=8, net=dict(
+        class_name='training.networks.EDMPrecond', model_type='DhariwalUNet', model_channels=32,
+        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.10)),
+}
+
+MODES = ['fp32', 'tf32', 'fp16', 'bf16', 'fast']
+
+#----------------------------------------------------------------------------
+# Worker: one measurement, in a fresh process, printed as one JSON line.
+
+def _worker(root, config_name, mode, device_name, what, steps, iters):
+    sys.path.insert(0, root)
+    import numpy as np
+    import torch
+    import dnnlib
+
+    cfg = CONFIGS[config_name]
+    device = torch.device(device_name)
+    is_cuda = device.type == 'cuda'
+    ours = os.path.abspath(root) == ROOT
+    if mode == 'fast' and not ours:
+        return dict(skipped='fast mode exists only in this checkout')
+    torch.backends.cuda.matmul.allow_tf32 = mode in ('tf32', 'fast')
+    torch.backends.cudnn.allow_tf32 = mode in ('tf32', 'fast')
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+
+    net_kwargs = dict(cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
+    if mode == 'fp16':
+        net_kwargs['use_fp16'] = True
+    net = dnnlib.util.construct_class_by_name(**net_kwargs).to(device)
+    num_params = sum(p.numel() for p in net.parameters())
+    autocast_dtype = torch.bfloat16 if mode in ('bf16', 'fast') else None
+    def autocast():
+        if autocast_dtype is None:
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=autocast_dtype)
+    if mode == 'fast':
+        from training import networks
+        networks.set_attention_impl(net, 'sdpa')
+        net = net.to(memory_format=torch.channels_last)
+
+    def sync():
+        if is_cuda:
+            torch.cuda.synchronize(device)
+
+    # FLOPs of one forward pass per image (matmuls and convolutions, 2 per multiply-add).
+    gflop = None
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+        x1 = torch.randn([1, cfg['ch'], cfg['res'], cfg['res']], device=device)
+        labels1 = torch.zeros([1, cfg['label_dim']], device=device)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net.eval()(x1, torch.ones([1], device=device), labels1)
+        gflop = counter.get_total_flops() / 1e9
+    except Exception: # pylint: disable=broad-except
+        pass
+
+    result = dict(config=config_name, mode=mode, params=num_params, gflop=gflop, device=str(device),
+                  device_name=torch.cuda.get_device_name(device) if is_cuda else 'cpu', torch=torch.__version__)
+
+    if what == 'sample':
+        try:
+            from training.sampling import edm_sampler, StackedRandomGenerator
+        except ImportError:
+            from generate import edm_sampler, StackedRandomGenerator
+        net.eval().requires_grad_(False)
+        run_net = torch.compile(net) if mode == 'fast' else net
+        batch = cfg['sample_batch']
+        rnd = StackedRandomGenerator(device, list(range(batch)))
+        latents = rnd.randn([batch, cfg['ch'], cfg['res'], cfg['res']])
+        labels = torch.eye(cfg['label_dim'], device=device)[rnd.randint(cfg['label_dim'], size=[batch], device=device)]
+        class Wrapped: # the sampler sees the usual attributes; the call runs under autocast
+            def __getattr__(self, name):
+                return getattr(net, name)
+            def __call__(self, *args, **kwargs):
+                with autocast():
+                    return run_net(*args, **kwargs).float()
+        wrapped = Wrapped()
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            edm_sampler(wrapped, latents, labels, num_steps=steps) # warm-up (and compilation)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                edm_sampler(wrapped, latents, labels, num_steps=steps)
+            sync()
+            seconds = (time.perf_counter() - t0) / iters
+        nfe = 2 * steps - 1
+        result.update(batch=batch, nfe=nfe, images_per_sec=batch / seconds,
+                      achieved_tflops=(gflop * nfe * batch / seconds / 1e3) if gflop else None)
+
+    if what == 'train':
+        from training.loss import EDMLoss
+        net.train().requires_grad_(True)
+        run_net = torch.compile(net) if mode == 'fast' else net
+        loss_fn = EDMLoss()
+        opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+        if ours and is_cuda:
+            opt_kwargs['fused'] = True
+        optimizer = torch.optim.Adam(net.parameters(), **opt_kwargs)
+        batch = cfg['train_batch']
+        images = torch.randn([batch, cfg['ch'], cfg['res'], cfg['res']], device=device)
+        labels = torch.eye(cfg['label_dim'], device=device)[torch.randint(cfg['label_dim'], [batch], device=device)]
+        if mode == 'fast':
+            images = images.contiguous(memory_format=torch.channels_last)
+        class TrainWrapped(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = run_net
+            def forward(self, *args, **kwargs):
+                with autocast():
+                    return self.inner(*args, **kwargs).float()
+        wrapped = TrainWrapped()
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net=wrapped, images=images, labels=labels)
+            loss.sum().mul(1 / batch).backward()
+            optimizer.step()
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step(); step() # warm-up (and compilation)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync()
+        seconds = (time.perf_counter() - t0) / iters
+        result.update(batch=batch, sec_per_kimg=seconds / batch * 1000,
+                      achieved_tflops=(3 * gflop * batch / seconds / 1e3) if gflop else None)
+
+    if is_cuda:
+        result['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+#----------------------------------------------------------------------------
+
+def _run_worker(root, config, mode, device, what, steps, iters, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--root={root}', f'--configs={config}',
+           f'--modes={mode}', f'--device={device}', f'--what={what}', f'--steps={steps}', f'--iters={iters}']
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+    except subprocess.TimeoutExpired:
+        return dict(error='timeout')
+    lines = [line for line in res.stdout.splitlines() if line.startswith('{')]
+    if res.returncode != 0 or not lines:
+        return dict(error=(res.stderr.strip().splitlines() or ['failed'])[-1])
+    return json.loads(lines[-1])
+
+def _fmt(value, spec):
+    return format(value, spec) if isinstance(value, (int, float)) else '-'
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--ref', 'ref_root', help='Another checkout with the EDM layout to compare against', metavar='PATH', type=str, default=None)
+@click.option('--configs', help='Comma-separated configurations', metavar='LIST', type=str, default=None)
+@click.option('--modes', help='Comma-separated modes: ' + ','.join(MODES), metavar='LIST', type=str, default=','.join(MODES), show_default=True)
+@click.option('--what', help='sample, train or both', type=click.Choice(['sample', 'train', 'both']), default='both', show_default=True)
+@click.option('--device', help='Device (default: CUDA when available)', metavar='STR', type=str, default=None)
+@click.option('--steps', help='Sampler steps (NFE = 2*steps-1)', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True)
+@click.option('--iters', help='Timed repetitions', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--peak-tflops', help='Peak dense TFLOP/s of the device, for MFU (H100/H200 bf16: 989)', metavar='FLOAT', type=float, default=989.0, show_default=True)
+@click.option('--quick', help='Small configurations, fp32 and bf16, one iteration (CPU smoke test)', is_flag=True)
+@click.option('--timeout', help='Seconds per measurement', metavar='INT', type=int, default=1800, show_default=True)
+@click.option('--json', 'json_path', help='Also write the results here', metavar='PATH', type=str, default=None)
+@click.option('--worker', is_flag=True, hidden=True)
+@click.option('--root', type=str, default=ROOT, hidden=True)
+def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, json_path, worker, root):
+    """Measure sampling and training speed; with --ref, print our/ref ratios."""
+    if device is None:
+        import torch
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if quick:
+        configs = configs or 'tiny-ddpmpp,tiny-adm'
+        modes = 'fp32,bf16' if modes == ','.join(MODES) else modes
+        steps, iters = min(steps, 3), 1
+    configs = (configs or 'cifar10-ddpmpp,imagenet-adm').split(',')
+    modes = modes.split(',')
+    for name in configs:
+        if name not in CONFIGS:
+            raise click.ClickException(f'--configs: unknown configuration {name!r} (valid: {", ".join(CONFIGS)})')
+    for mode in modes:
+        if mode not in MODES:
+            raise click.ClickException(f'--modes: unknown mode {mode!r} (valid: {", ".join(MODES)})')
+
+    if worker:
+        print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters)))
+        return
+
+    roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])
+    whats = ['sample', 'train'] if what == 'both' else [what]
+    results = []
+    for config in configs:
+        for w in whats:
+            for mode in modes:
+                row = dict(config=config, what=w, mode=mode)
+                for label, path in roots:
+                    row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout)
+                results.append(row)
+                _print_row(row, peak_tflops, bool(ref_root))
+    if ref_root:
+        _print_summary(results)
+    if json_path:
+        with open(json_path, 'w') as f:
+            json.dump(results, f, indent=2)
+
+def _print_summary(results):
+    """Our fastest mode and our fp32 against the reference's fp32 (its default)."""
+    print()
+    for config in dict.fromkeys(r['config'] for r in results):
+        for what, metric, higher in [('sample', 'images_per_sec', True), ('train', 'sec_per_kimg', False)]:
+            rows = [r for r in results if r['config'] == config and r['what'] == what and metric in r['ours']]
+            ref = [r['ref'] for r in rows if r['mode'] == 'fp32' and metric in r.get('ref', {})]
+            if not rows or not ref:
+                continue
+            best = (max if higher else min)(rows, key=lambda r: r['ours'][metric])
+            ours_fp32 = [r['ours'][metric] for r in rows if r['mode'] == 'fp32']
+            speedup = lambda v: v / ref[0][metric] if higher else ref[0][metric] / v
+            text = f"{config:15s} {what:6s} fastest ours ({best['mode']}) vs ref fp32: x{speedup(best['ours'][metric]):.2f}"
+            if ours_fp32:
+                text += f"; ours fp32 vs ref fp32: x{speedup(ours_fp32[0]):.2f}"
+            print(text)
+
+def _print_row(row, peak_tflops, with_ref):
+    ours = row['ours']
+    if 'error' in ours or 'skipped' in ours:
+        print(f"{row['config']:15s} {row['what']:6s} {row['mode']:5s} ours: {ours.get('error') or ours.get('skipped')}", flush=True)
+        return
+    metric, unit, better_higher = ('images_per_sec', 'img/s', True) if row['what'] == 'sample' else ('sec_per_kimg', 's/kimg', False)
+    mfu = ours.get('achieved_tflops') / peak_tflops * 100 if ours.get('achieved_tflops') and ours['device'] != 'cpu' else None
+    text = (f"{row['config']:15s} {row['what']:6s} {row['mode']:5s} {_fmt(ours[metric], '9.3f')} {unit:6s} "
+            f"{_fmt(ours.get('gflop'), '7.2f')} GFLOP/img  {_fmt(ours.get('peak_mem_gb'), '6.2f')} GB  MFU {_fmt(mfu, '5.1f')}%  "
+            f"[{ours['device_name']}]")
+    if with_ref:
+        ref = row['ref']
+        if 'error' in ref or 'skipped' in ref:
+            text += f"  ref: {ref.get('error') or ref.get('skipped')}"
+        else:
+            ratio = ours[metric] / ref[metric] if better_higher else ref[metric] / ours[metric]
+            text += f"  ref {_fmt(ref[metric], '9.3f')} {unit}  speed-up x{ratio:.2f}"
+    print(text, flush=True)
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main() # pylint: disable=no-value-for-parameter
