@@ -379,13 +379,16 @@ def _download(url: str, dest: str, num_attempts: int, verbose: bool) -> str:
             last_error = err
             if err.response is not None and 400 <= err.response.status_code < 500 and err.response.status_code != 429:
                 break # a missing file does not appear by retrying
+        except requests.ConnectionError as err:
+            last_error = err
+            if attempt >= 2:
+                break # the host cannot be reached (offline?): a few tries are enough
         except (requests.RequestException, IOError) as err:
             last_error = err
-        if verbose and attempt + 1 < num_attempts:
+        if verbose and attempt + 1 < num_attempts and not isinstance(last_error, requests.ConnectionError):
             print(f'Retrying {url} ({attempt + 1}/{num_attempts - 1}): {last_error}', file=sys.stderr, flush=True)
-    import requests as _requests
-    if isinstance(last_error, _requests.ConnectionError):
-        raise IOError(f'Could not download {url}: the host cannot be reached (offline?) after {num_attempts} attempts: {last_error}')
+    if isinstance(last_error, requests.ConnectionError):
+        raise IOError(f'Could not download {url}: the host cannot be reached (offline?): {last_error}')
     raise IOError(f'Could not download {url} after {num_attempts} attempts: {last_error}')
 
 def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: bool = True, return_filename: bool = False, cache: bool = True) -> Any:

@@ -1,0 +1,263 @@
+"""Generate random images with a trained network: one PNG per seed, using
+the EDM sampler or the generalised ablation sampler, on one or many
+processes (`torchrun`)."""
+
+import math
+import os
+import time
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+from training.network_io import load_network_pkl, rebuild_network
+from training.networks import set_attention_impl
+from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator # re-exported, as in the reference
+
+ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling') # any of these selects ablation_sampler
+AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+#----------------------------------------------------------------------------
+# Images and image grids (also used by example.py).
+
+def images_to_uint8(images):
+    """[N, C, H, W] images in [-1, 1] -> uint8 numpy [N, H, W, C] (pixel = clip(x * 127.5 + 128, 0, 255))."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+def save_image(image, path):
+    """Write one uint8 [H, W, C] image as a PNG ('L' for one channel, else 'RGB'), atomically."""
+    picture = PIL.Image.fromarray(image[:, :, 0], 'L') if image.shape[2] == 1 else PIL.Image.fromarray(image, 'RGB')
+    with dnnlib.util.atomic_path(path) as tmp:
+        picture.save(tmp, format='PNG')
+
+def read_image(path):
+    """uint8 [H, W, C] pixels of an image file."""
+    with PIL.Image.open(path) as picture:
+        image = np.array(picture)
+    return image.reshape(*image.shape[:2], -1)
+
+def grid_size_for(num_images):
+    """(grid_w, grid_h) as close to square as possible, e.g. 64 -> (8, 8), 6 -> (3, 2)."""
+    grid_w = max(math.ceil(math.sqrt(num_images)), 1)
+    return grid_w, max(math.ceil(num_images / grid_w), 1)
+
+def save_image_grid(images, path, grid_size=None):
+    """Write uint8 [N, H, W, C] images as one PNG, in rows of grid_w (empty cells black), atomically."""
+    images = np.asarray(images)
+    grid_w, grid_h = grid_size if grid_size is not None else grid_size_for(len(images))
+    if len(images) > grid_w * grid_h:
+        raise ValueError(f'{len(images)} images do not fit a {grid_w}x{grid_h} grid')
+    _N, H, W, C = images.shape
+    cells = np.zeros([grid_h * grid_w, H, W, C], dtype=np.uint8)
+    cells[:len(images)] = images
+    grid = cells.reshape(grid_h, grid_w, H, W, C).transpose(0, 2, 1, 3, 4).reshape(grid_h * H, grid_w * W, C)
+    save_image(grid, path)
+
+#----------------------------------------------------------------------------
+# The network as the samplers see it, at the chosen precision.
+
+class SamplerNet:
+    """Calls `net` under torch.autocast (when `dtype` is given) and reports each call; other attributes are the network's."""
+
+    def __init__(self, net, device_type, dtype=None, on_call=None):
+        self.net = net                  # Network (or its torch.compile wrapper).
+        self.device_type = device_type  # 'cpu' | 'cuda' | ...
+        self.dtype = dtype              # Autocast dtype, or None for the network's own precision.
+        self.on_call = on_call          # Called after each network evaluation (progress), or None.
+
+    def __getattr__(self, name):
+        if name == 'net':
+            raise AttributeError(name)
+        return getattr(self.net, name)
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=(self.dtype is not None)):
+            out = self.net(*args, **kwargs)
+        if self.on_call is not None:
+            self.on_call()
+        return out
+
+def prepare_network(net, device, precision='fp32', use_compile=False):
+    """Move `net` to `device` for sampling; fp32 = true float32 (TF32 off), tf32 = TF32 matmul/conv on CUDA,
+    bf16/fp16 = autocast with float32 weights. Reduced precision and --compile also rebuild the network
+    from our classes with SDPA attention and channels-last weights."""
+    if precision not in ('fp32', 'tf32', *AUTOCAST_DTYPES):
+        raise ValueError(f'unknown precision {precision!r}; choose one of fp32, tf32, {", ".join(AUTOCAST_DTYPES)}')
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = (precision == 'tf32')
+        torch.backends.cudnn.allow_tf32 = (precision == 'tf32')
+    if precision in AUTOCAST_DTYPES or use_compile:
+        # Fast paths: our own classes (also for published pickles), fused attention, channels-last.
+        net = rebuild_network(net)
+        if type(net).__module__ == 'training.networks':
+            set_attention_impl(net, 'sdpa')
+        net = net.to(memory_format=torch.channels_last)
+    net = net.to(device)
+    if use_compile:
+        net = torch.compile(net)
+    return SamplerNet(net, device.type, dtype=AUTOCAST_DTYPES.get(precision))
+
+#----------------------------------------------------------------------------
+
+def split_batches(seeds, max_batch_size, rank, world_size):
+    """This rank's batches: the seeds split into batches of at most max_batch_size per process, dealt round-robin."""
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world_size) + 1) * world_size
+    all_batches = np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)
+    return [batch.tolist() for batch in all_batches[rank :: world_size]]
+
+def image_path(outdir, seed, subdirs=False):
+    """Where the image of `seed` goes: outdir/{seed:06d}.png, or in a folder per 1000 seeds."""
+    image_dir = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    return os.path.join(image_dir, f'{seed:06d}.png')
+
+def check_class(net, class_idx):
+    """Raise ValueError unless `class_idx` is None or a valid class of `net`."""
+    if class_idx is not None and not net.label_dim:
+        raise ValueError(f'--class={class_idx} given, but the network is unconditional')
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        raise ValueError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes (0-{net.label_dim - 1})')
+
+@torch.no_grad()
+def sample_batches(net, seeds, device, class_idx=None, max_batch_size=64, progress=False, **sampler_kwargs):
+    """Yield (batch_seeds, uint8 images [B, H, W, C]) for this rank's batches; each image depends only on its seed.
+    Unset (None) sampler options are not passed; any ablation option selects ablation_sampler."""
+    check_class(net, class_idx)
+    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    sampler_fn = ablation_sampler if any(key in sampler_kwargs for key in ABLATION_OPTIONS) else edm_sampler
+    rank_batches = split_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size())
+    for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(not progress or dist.get_rank() != 0)):
+        batch_size = len(batch_seeds)
+        if batch_size == 0:
+            continue
+
+        # Pick latents and labels; labels are drawn after the latents, also when --class overrides them.
+        rnd = StackedRandomGenerator(device, batch_seeds)
+        latents = rnd.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        class_labels = None
+        if net.label_dim:
+            class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[batch_size], device=device)]
+        if class_idx is not None:
+            class_labels[:, :] = 0
+            class_labels[:, class_idx] = 1
+
+        images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+        yield batch_seeds, images_to_uint8(images)
+
+def generate_images(net, seeds, outdir, device, subdirs=False, class_idx=None, max_batch_size=64, **sampler_kwargs):
+    """Write this rank's images as outdir/{seed:06d}.png (see sample_batches)."""
+    for batch_seeds, images in sample_batches(net, seeds, device, class_idx=class_idx, max_batch_size=max_batch_size, progress=True, **sampler_kwargs):
+        for seed, image in zip(batch_seeds, images):
+            save_image(image, image_path(outdir, seed, subdirs))
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--network', 'network_pkl',  help='Network pickle filename or URL', metavar='PATH|URL',                 type=str, required=True)
+@click.option('--outdir',                  help='Where to save the output images', metavar='DIR',                     type=str, required=True)
+@click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)', metavar='LIST',                       type=str, default='0-63', show_default=True)
+@click.option('--subdirs',                 help='Create subdirectory for every 1000 seeds',                           is_flag=True)
+@click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                      type=int, default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                  type=int, default=64, show_default=True)
+
+@click.option('--steps', 'num_steps',      help='Number of sampling steps', metavar='INT',                            type=int, default=18, show_default=True)
+@click.option('--sigma_min',               help='Lowest noise level  [default: varies]', metavar='FLOAT',             type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max',               help='Highest noise level  [default: varies]', metavar='FLOAT',            type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho',                     help='Time step exponent', metavar='FLOAT',                                type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn',      help='Stochasticity strength', metavar='FLOAT',                            type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min',          help='Stoch. min noise level', metavar='FLOAT',                            type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max',          help='Stoch. max noise level', metavar='FLOAT',                            type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise',      help='Stoch. noise inflation', metavar='FLOAT',                            type=float, default=1, show_default=True)
+
+@click.option('--solver',                  help='Ablate ODE solver', metavar='euler|heun',                            type=click.Choice(['euler', 'heun']))
+@click.option('--disc', 'discretization',  help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
+@click.option('--schedule',                help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',             type=click.Choice(['vp', 've', 'linear']))
+@click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                      type=click.Choice(['vp', 'none']))
+
+@click.option('--device',                  help='Device  [default: cuda when available, else cpu]', metavar='STR',    type=str, default=None)
+@click.option('--grid',                    help='Also write a grid of all images to this PNG', metavar='PATH',        type=str, default=None)
+@click.option('--precision',               help='Network precision (fp32 = faithful, TF32 off)',                                type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']), default='fp32', show_default=True)
+@click.option('--compile', 'compile_net',  help='torch.compile the network',                                          is_flag=True)
+
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, precision, compile_net, **sampler_kwargs):
+    """Sample one PNG per seed from a network pickle (a path or URL), with the
+    EDM sampler or, given any of --solver/--disc/--schedule/--scaling, the
+    generalised sampler used for the ablations of the EDM paper.
+
+    Examples:
+
+    \b
+    # Generate 64 images and save them as out/*.png
+    python generate.py --outdir=out --seeds=0-63 --batch=64 \\
+        --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+
+    \b
+    # Generate 1024 images using 2 GPUs
+    torchrun --standalone --nproc_per_node=2 generate.py --outdir=out --seeds=0-1023 --batch=64 \\
+        --network=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
+    """
+    # Check the options that need no network.
+    try:
+        seeds = dnnlib.util.parse_int_list(seeds)
+    except ValueError as err:
+        raise click.ClickException(f'--seeds: {err}')
+    if sampler_kwargs['num_steps'] < 1:
+        raise click.ClickException(f'--steps must be at least 1, got {sampler_kwargs["num_steps"]}')
+    if max_batch_size < 1:
+        raise click.ClickException(f'--batch must be at least 1, got {max_batch_size}')
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.ClickException(f'--outdir {outdir} is a file, not a directory')
+    if grid is not None and os.path.isdir(grid):
+        raise click.ClickException(f'--grid {grid} is a directory, not a file name')
+    try:
+        device = dist.init(device)
+    except (ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err))
+
+    # Rank 0 loads the network first (and downloads it), the others after it.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    dist.print0(f'Loading network from "{network_pkl}"...')
+    try:
+        net = load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0))
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err))
+    if dist.get_rank() == 0:
+        dist.barrier()
+
+    try:
+        check_class(net, class_idx)
+    except ValueError as err:
+        raise click.ClickException(str(err))
+
+    # Generate.
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as err:
+        raise click.ClickException(f'cannot create --outdir {outdir}: {err.strerror}')
+    net = prepare_network(net, device, precision=precision, use_compile=compile_net)
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
+    start_time = time.time()
+    try:
+        generate_images(net, seeds, outdir, device, subdirs=subdirs, class_idx=class_idx, max_batch_size=max_batch_size, **sampler_kwargs)
+    except ValueError as err:
+        raise click.ClickException(str(err))
+    dist.barrier()
+    elapsed = max(time.time() - start_time, 1e-6)
+
+    # Rank 0 tiles all images, in seed order, into one grid.
+    if grid is not None and dist.get_rank() == 0:
+        save_image_grid(np.stack([read_image(image_path(outdir, seed, subdirs)) for seed in seeds]), grid)
+    dist.barrier()
+    dist.print0(f'Wrote {len(seeds)} images to "{outdir}"' + (f' and a grid to "{grid}"' if grid is not None else '') +
+                f' in {dnnlib.util.format_time(elapsed)} ({len(seeds) / elapsed:.2f} images/s).')
+
+#----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    main()
+
+#----------------------------------------------------------------------------

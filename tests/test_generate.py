@@ -1,0 +1,192 @@
+"""generate.py and example.py end to end on the CPU, with small pickled networks."""
+
+import itertools
+import os
+import pickle
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from conftest import free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
+
+SEEDS = '0-4,1000'
+SEED_LIST = [0, 1, 2, 3, 4, 1000]
+LABEL_DIM = 4
+FAST = ['--steps=2', '--device=cpu']
+
+#----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """In-process runs use one thread, as the subprocesses do (tiny networks; many threads only contend)."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+@pytest.fixture(scope='module')
+def pkls(tmp_path_factory):
+    """Network pickles: conditional RGB, unconditional grayscale, and broken ones."""
+    root = tmp_path_factory.mktemp('pkls')
+    cond = write_network_pkl(root / 'cond.pkl', make_tiny_net(label_dim=LABEL_DIM))
+    gray = write_network_pkl(root / 'gray.pkl', make_tiny_net(img_channels=1, seed=1))
+    with open(root / 'noema.pkl', 'wb') as f:
+        pickle.dump(dict(loss_fn=None), f)
+    with open(cond, 'rb') as f:
+        (root / 'truncated.pkl').write_bytes(f.read()[:2000])
+    return dict(cond=cond, gray=gray, noema=str(root / 'noema.pkl'), truncated=str(root / 'truncated.pkl'))
+
+@pytest.fixture(scope='module')
+def reference_run(pkls, tmp_path_factory):
+    """One real process: 6 seeds in batches of 4, plus a grid."""
+    outdir = tmp_path_factory.mktemp('reference_run')
+    res = run_script(['generate.py', f'--network={pkls["cond"]}', f'--outdir={outdir / "images"}', f'--seeds={SEEDS}',
+                      '--batch=4', f'--grid={outdir / "grid.png"}', *FAST])
+    return dict(images=outdir / 'images', grid=outdir / 'grid.png', stdout=res.stdout)
+
+def invoke(*args):
+    """Run the click command in this process; stderr is kept apart from stdout."""
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError: # click >= 8.2 always keeps stderr apart
+        runner = CliRunner()
+    return runner.invoke(generate.main, [str(a) for a in args])
+
+def run_ok(*args):
+    res = invoke(*args)
+    assert res.exit_code == 0, f'{args}: {res.output}\n{res.exception!r}'
+    return res
+
+def read_pngs(folder):
+    """{file name: (mode, pixels)} of every PNG under `folder`, by path relative to it."""
+    images = {}
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with PIL.Image.open(os.path.join(root, name)) as image:
+                images[os.path.relpath(os.path.join(root, name), folder)] = (image.mode, np.array(image))
+    return images
+
+def file_bytes(folder):
+    return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))}
+
+def random_label(seed):
+    """The class a seed draws (spec: randint(label_dim) after randn([C, H, W]) from the seed's own generator)."""
+    gen = torch.Generator().manual_seed(seed % 2 ** 32)
+    torch.randn([3, 8, 8], generator=gen)
+    return int(torch.randint(LABEL_DIM, size=[], generator=gen))
+
+#----------------------------------------------------------------------------
+
+def test_one_png_per_seed(reference_run):
+    images = read_pngs(reference_run['images'])
+    assert sorted(images) == [f'{seed:06d}.png' for seed in SEED_LIST]
+    assert all(mode == 'RGB' and pixels.shape == (8, 8, 3) for mode, pixels in images.values())
+    assert len({pixels.tobytes() for _mode, pixels in images.values()}) == len(SEED_LIST) # one image per seed
+    assert 'Wrote 6 images' in reference_run['stdout'] and 'images/s' in reference_run['stdout']
+    assert not any(name.startswith('.') for name in os.listdir(reference_run['images'])) # no temporary files left
+
+def test_grid_tiles_images_in_seed_order(reference_run):
+    # 6 images -> 3 columns, 2 rows (as close to square as possible), row-major in seed order.
+    with PIL.Image.open(reference_run['grid']) as image:
+        grid = np.array(image)
+    assert grid.shape == (2 * 8, 3 * 8, 3)
+    images = read_pngs(reference_run['images'])
+    for k, seed in enumerate(SEED_LIST):
+        row, col = divmod(k, 3)
+        np.testing.assert_array_equal(grid[row * 8 : (row + 1) * 8, col * 8 : (col + 1) * 8], images[f'{seed:06d}.png'][1])
+
+def test_batch_size_does_not_change_images(pkls, reference_run, tmp_path):
+    run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path}', f'--seeds={SEEDS}', '--batch=1', *FAST)
+    assert file_bytes(tmp_path) == file_bytes(reference_run['images'])
+
+def test_two_processes_match_one(pkls, reference_run, tmp_path):
+    run_torchrun(['generate.py', f'--network={pkls["cond"]}', f'--outdir={tmp_path}', f'--seeds={SEEDS}', '--batch=2', *FAST], nproc=2)
+    assert file_bytes(tmp_path) == file_bytes(reference_run['images'])
+
+def test_subdirs_per_thousand_seeds(pkls, tmp_path):
+    run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path}', '--seeds=998-1001', '--subdirs', *FAST)
+    assert sorted(read_pngs(tmp_path)) == [os.path.join('000000', '000998.png'), os.path.join('000000', '000999.png'),
+                                           os.path.join('001000', '001000.png'), os.path.join('001000', '001001.png')]
+
+def test_one_channel_gives_grayscale_png(pkls, tmp_path):
+    run_ok(f'--network={pkls["gray"]}', f'--outdir={tmp_path}', '--seeds=0-1', *FAST)
+    assert [(mode, pixels.shape) for mode, pixels in read_pngs(tmp_path).values()] == [('L', (8, 8))] * 2
+
+def test_class_overrides_random_label(pkls, tmp_path):
+    # With --class=k a seed whose random label is k gives its usual image; a seed with another label changes.
+    labels = {seed: random_label(seed) for seed in range(40)}
+    k = labels[0]
+    other = next(seed for seed, label in labels.items() if label != k)
+    run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path / "random"}', f'--seeds=0,{other}', *FAST)
+    run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path / "class"}', f'--seeds=0,{other}', f'--class={k}', *FAST)
+    random, forced = file_bytes(tmp_path / 'random'), file_bytes(tmp_path / 'class')
+    assert forced['000000.png'] == random['000000.png']
+    assert forced[f'{other:06d}.png'] != random[f'{other:06d}.png']
+
+def test_every_ablation_combination_runs(pkls, tmp_path):
+    choices = [('--solver', [None, 'euler', 'heun']), ('--disc', [None, 'vp', 've', 'iddpm', 'edm']),
+               ('--schedule', [None, 'vp', 've', 'linear']), ('--scaling', [None, 'vp', 'none'])]
+    for combo in itertools.product(*[values for _name, values in choices]):
+        flags = [f'{name}={value}' for (name, _values), value in zip(choices, combo) if value is not None]
+        outdir = tmp_path / ('_'.join(flags) or 'default').replace('--', '').replace('=', '-')
+        run_ok(f'--network={pkls["cond"]}', f'--outdir={outdir}', '--seeds=0-1', *FAST, *flags)
+        assert sorted(os.listdir(outdir)) == ['000000.png', '000001.png'], flags
+    # Heun + EDM steps + sigma(t) = t + no scaling is Algorithm 2, image for image.
+    assert file_bytes(tmp_path / 'solver-heun_disc-edm_schedule-linear_scaling-none') == file_bytes(tmp_path / 'default')
+
+def test_bf16_close_to_fp32(pkls, tmp_path):
+    for precision in ['fp32', 'bf16']:
+        run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path / precision}', '--seeds=0-7', '--device=cpu', f'--precision={precision}')
+    fp32, bf16 = read_pngs(tmp_path / 'fp32'), read_pngs(tmp_path / 'bf16')
+    mse = np.mean([np.mean((fp32[name][1].astype(float) - bf16[name][1].astype(float)) ** 2) for name in fp32])
+    psnr = 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+    print(f'bf16 vs fp32 (18 steps, 8 images): PSNR = {psnr:.1f} dB')
+    assert psnr > 35
+
+#----------------------------------------------------------------------------
+# Clear one-line errors.
+
+ERRORS = {
+    'missing pickle':        (lambda p, d: [f'--network={d}/missing.pkl', f'--outdir={d}/out'], 'missing.pkl'),
+    'truncated pickle':      (lambda p, d: [f'--network={p["truncated"]}', f'--outdir={d}/out'], 'truncated.pkl'),
+    'pickle without ema':    (lambda p, d: [f'--network={p["noema"]}', f'--outdir={d}/out'], 'ema'),
+    'class out of range':    (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', f'--class={LABEL_DIM}'], '--class'),
+    'negative class':        (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--class=-1'], '--class'),
+    'class for uncond net':  (lambda p, d: [f'--network={p["gray"]}', f'--outdir={d}/out', '--class=0'], 'unconditional'),
+    'outdir is a file':      (lambda p, d: [f'--network={p["cond"]}', f'--outdir={p["cond"]}'], '--outdir'),
+    'empty seed list':       (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--seeds='], '--seeds'),
+    'reversed seed range':   (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--seeds=5-2'], '5-2'),
+    'malformed seeds':       (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--seeds=1,x'], '--seeds'),
+    'zero steps':            (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--steps=0'], '--steps'),
+}
+
+@pytest.mark.parametrize('case', sorted(ERRORS))
+def test_clear_error(pkls, tmp_path, case):
+    make_args, expected = ERRORS[case]
+    res = invoke(*make_args(pkls, tmp_path), '--device=cpu')
+    assert res.exit_code != 0
+    assert isinstance(res.exception, SystemExit), f'uncaught {res.exception!r}' # a ClickException, not a traceback
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('Error: ') and expected in lines[0], res.stderr
+    assert not os.path.exists(tmp_path / 'out') or not os.listdir(tmp_path / 'out')
+
+def test_clear_error_in_a_real_process(pkls, tmp_path):
+    res = run_script(['generate.py', f'--network={pkls["cond"]}', f'--outdir={tmp_path}', f'--class={LABEL_DIM + 5}', '--device=cpu'], check=False)
+    assert res.returncode != 0
+    assert 'Traceback' not in res.stderr and res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert f'--class={LABEL_DIM + 5}' in res.stderr
+
+def test_example_names_unreachable_url(tmp_path):
+    root = f'http://127.0.0.1:{free_port()}/edm/pretrained'
+    res = run_script(['example.py', f'--model-root={root}', '--device=cpu', f'--outdir={tmp_path}'], check=False,
+                     env=subprocess_env(DNNLIB_CACHE_DIR=tmp_path / 'cache'))
+    assert res.returncode != 0
+    assert 'Traceback' not in res.stderr
+    assert f'{root}/edm-cifar10-32x32-cond-vp.pkl' in res.stderr.strip().splitlines()[-1]
+    assert not [name for name in os.listdir(tmp_path) if name.endswith('.png')]
+
+#----------------------------------------------------------------------------

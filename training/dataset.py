@@ -1,0 +1,295 @@
+"""Image datasets stored as a folder or an uncompressed zip of PNG images
+(the format that dataset_tool.py writes), with optional class labels."""
+
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+
+try:
+    import pyspng
+except ImportError:
+    pyspng = None
+
+#----------------------------------------------------------------------------
+# Abstract base class for datasets.
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self,
+        name,                   # Name of the dataset.
+        raw_shape,              # Shape of the raw image data (NCHW).
+        max_size    = None,     # Keep a random subset of this many images, None = all. Applied before xflip.
+        use_labels  = False,    # Enable conditioning labels? False = label dimension is zero.
+        xflip       = False,    # Double the size of the dataset with mirrored copies. Applied after max_size.
+        random_seed = 0,        # Random seed for choosing the max_size subset.
+        cache       = False,    # Keep decoded images in CPU memory?
+    ):
+        if max_size is not None and max_size < 0:
+            raise ValueError(f'max_size must be non-negative, got {max_size}')
+        self._name = name
+        self._raw_shape = list(raw_shape)
+        self._use_labels = use_labels
+        self._cache = cache
+        self._cached_images = dict() # {raw_idx: np.ndarray, ...}
+        self._raw_labels = None
+        self._label_shape = None
+
+        # Apply max_size: a shuffle with a fixed seed, first max_size indices, in sorted order.
+        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
+        if (max_size is not None) and (self._raw_idx.size > max_size):
+            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
+            self._raw_idx = np.sort(self._raw_idx[:max_size])
+
+        # Apply xflip: the second half holds mirrored copies of the first.
+        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    def _get_raw_labels(self):
+        if self._raw_labels is None:
+            raw_labels = self._load_raw_labels() if self._use_labels else None
+            if raw_labels is None:
+                raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
+            if not isinstance(raw_labels, np.ndarray) or raw_labels.shape[0] != self._raw_shape[0]:
+                raise ValueError(f'dataset {self._name}: expected {self._raw_shape[0]} labels, one per image')
+            if raw_labels.dtype not in (np.float32, np.int64):
+                raise ValueError(f'dataset {self._name}: labels must be int64 class ids or float32 vectors, got {raw_labels.dtype}')
+            if raw_labels.dtype == np.int64:
+                if raw_labels.ndim != 1:
+                    raise ValueError(f'dataset {self._name}: integer labels must be one class id per image')
+                if raw_labels.size > 0 and raw_labels.min() < 0:
+                    raise ValueError(f'dataset {self._name}: class ids must be non-negative, got {raw_labels.min()}')
+            self._raw_labels = raw_labels
+        return self._raw_labels
+
+    def close(self): # to be overridden by subclass
+        pass
+
+    def _load_raw_image(self, raw_idx): # to be overridden by subclass
+        raise NotImplementedError
+
+    def _load_raw_labels(self): # to be overridden by subclass
+        raise NotImplementedError
+
+    def _image_name(self, raw_idx): # for error messages; to be overridden by subclass
+        return f'image {raw_idx} of dataset {self._name}'
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __len__(self):
+        return self._raw_idx.size
+
+    def __getitem__(self, idx):
+        raw_idx = int(self._raw_idx[idx])
+        image = self._cached_images.get(raw_idx, None)
+        if image is None:
+            image = self._load_raw_image(raw_idx)
+            if self._cache:
+                self._cached_images[raw_idx] = image
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+            raise ValueError(f'{self._image_name(raw_idx)}: expected 8-bit pixels')
+        if list(image.shape) != self.image_shape:
+            raise ValueError(f'{self._image_name(raw_idx)}: image shape (CHW) is {list(image.shape)}, '
+                             f'but the dataset\'s first image is {self.image_shape}; all images must have one shape')
+        if self._xflip[idx]:
+            image = image[:, :, ::-1]
+        return image.copy(), self.get_label(idx)
+
+    def get_label(self, idx):
+        label = self._get_raw_labels()[self._raw_idx[idx]]
+        if label.dtype == np.int64:
+            onehot = np.zeros(self.label_shape, dtype=np.float32)
+            onehot[label] = 1
+            label = onehot
+        return label.copy()
+
+    def get_details(self, idx):
+        d = dnnlib.EasyDict()
+        d.raw_idx = int(self._raw_idx[idx])
+        d.xflip = (int(self._xflip[idx]) != 0)
+        d.raw_label = self._get_raw_labels()[d.raw_idx].copy()
+        return d
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def image_shape(self):
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self):
+        return self.image_shape[0]
+
+    @property
+    def resolution(self):
+        if len(self.image_shape) != 3 or self.image_shape[1] != self.image_shape[2]:
+            raise ValueError(f'dataset {self._name}: images are not square ({self.image_shape}), so it has no single resolution')
+        return self.image_shape[1]
+
+    @property
+    def label_shape(self):
+        if self._label_shape is None:
+            raw_labels = self._get_raw_labels()
+            if raw_labels.dtype == np.int64:
+                self._label_shape = [int(np.max(raw_labels)) + 1]
+            else:
+                self._label_shape = list(raw_labels.shape[1:])
+        return list(self._label_shape)
+
+    @property
+    def label_dim(self):
+        if len(self.label_shape) != 1:
+            raise ValueError(f'dataset {self._name}: labels of shape {self.label_shape} have no single dimension')
+        return self.label_shape[0]
+
+    @property
+    def has_labels(self):
+        return any(x != 0 for x in self.label_shape)
+
+    @property
+    def has_onehot_labels(self):
+        return self._get_raw_labels().dtype == np.int64
+
+#----------------------------------------------------------------------------
+# Dataset subclass that loads images recursively from the specified directory
+# or ZIP file.
+
+def _file_ext(fname):
+    return os.path.splitext(fname)[1].lower()
+
+def _decode_image(data, ext, use_pyspng):
+    """Decode image file bytes into an HWC or HW uint8 array."""
+    if use_pyspng and pyspng is not None and ext == '.png' and len(data) > 24 and data[24] == 8: # 8-bit PNG
+        return pyspng.load(data)
+    with PIL.Image.open(io.BytesIO(data)) as img:
+        if img.mode == 'P':
+            img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+        elif img.mode == '1':
+            img = img.convert('L')
+        return np.array(img)
+
+class ImageFolderDataset(Dataset):
+    def __init__(self,
+        path,                   # Path to directory or zip.
+        resolution      = None, # Ensure specific resolution, None = anything goes.
+        use_pyspng      = True, # Use pyspng for PNG files when it is installed?
+        **super_kwargs,         # Additional arguments for the Dataset base class.
+    ):
+        self._path = path
+        self._use_pyspng = use_pyspng
+        self._zipfile = None
+        self._zipfile_pid = None
+
+        if os.path.isdir(self._path):
+            self._type = 'dir'
+            self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path)
+                                for root, _dirs, files in os.walk(self._path) for fname in files}
+        elif os.path.isfile(self._path) and _file_ext(self._path) == '.zip':
+            self._type = 'zip'
+            self._all_fnames = set(self._get_zipfile().namelist())
+        elif not os.path.exists(self._path):
+            raise ValueError(f'dataset not found: {self._path}')
+        else:
+            raise ValueError(f'dataset must be a folder or a .zip file: {self._path}')
+
+        PIL.Image.init()
+        self._image_fnames = sorted(fname for fname in self._all_fnames if _file_ext(fname) in PIL.Image.EXTENSION)
+        if len(self._image_fnames) == 0:
+            raise ValueError(f'no image files found in {self._path}')
+
+        name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
+        raw_shape = [len(self._image_fnames)] + list(self._load_raw_image(0).shape)
+        if resolution is not None and (raw_shape[2] != resolution or raw_shape[3] != resolution):
+            raise ValueError(f'{self._path}: images are {raw_shape[3]}x{raw_shape[2]}, but resolution {resolution} was requested')
+        super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
+
+    def _get_zipfile(self):
+        # Opened lazily, once per process: a handle inherited through fork would share its file offset.
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
+            try:
+                self._zipfile = zipfile.ZipFile(self._path)
+            except zipfile.BadZipFile as err:
+                raise ValueError(f'{self._path} is not a readable zip file ({err})') from None
+            self._zipfile_pid = os.getpid()
+        return self._zipfile
+
+    def _open_file(self, fname):
+        if self._type == 'dir':
+            return open(os.path.join(self._path, fname), 'rb')
+        return self._get_zipfile().open(fname, 'r')
+
+    def close(self):
+        try:
+            if self._zipfile is not None and self._zipfile_pid == os.getpid():
+                self._zipfile.close()
+        finally:
+            self._zipfile = None
+            self._zipfile_pid = None
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)
+
+    def _image_name(self, raw_idx):
+        return os.path.join(self._path, self._image_fnames[raw_idx])
+
+    def _load_raw_image(self, raw_idx):
+        fname = self._image_fnames[raw_idx]
+        try:
+            with self._open_file(fname) as f:
+                data = f.read()
+            image = _decode_image(data, _file_ext(fname), self._use_pyspng)
+        except PIL.UnidentifiedImageError:
+            raise ValueError(f'{self._image_name(raw_idx)}: not a readable image (unknown format or corrupt file)') from None
+        except (OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as err:
+            raise ValueError(f'{self._image_name(raw_idx)}: not a readable image ({type(err).__name__}: {err})') from None
+        if image.dtype != np.uint8:
+            raise ValueError(f'{self._image_name(raw_idx)}: {image.dtype} pixels; only 8-bit images are supported')
+        if image.ndim == 2:
+            image = image[:, :, np.newaxis] # HW => HWC
+        return image.transpose(2, 0, 1) # HWC => CHW
+
+    def _load_raw_labels(self):
+        fname = 'dataset.json'
+        if fname not in self._all_fnames:
+            return None
+        where = os.path.join(self._path, fname)
+        try:
+            with self._open_file(fname) as f:
+                labels = json.load(f)['labels']
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f'{where} is not a valid dataset.json ({type(err).__name__}: {err})') from None
+        if labels is None:
+            return None
+        try:
+            labels = dict(labels)
+        except (TypeError, ValueError):
+            raise ValueError(f'{where}: "labels" must be a list of [file name, label] pairs or null') from None
+        keys = [fname.replace('\\', '/') for fname in self._image_fnames]
+        missing = [key for key in keys if key not in labels]
+        if len(missing) > 0:
+            raise ValueError(f'{where} has no label for {missing[0]} ({len(missing)} of {len(keys)} images lack one)')
+        try:
+            labels = np.array([labels[key] for key in keys])
+        except ValueError:
+            raise ValueError(f'{where}: labels must all have the same shape') from None
+        if labels.ndim not in (1, 2) or labels.dtype.kind not in 'biuf':
+            raise ValueError(f'{where}: labels must be integer class ids or numeric vectors')
+        return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
+
+#----------------------------------------------------------------------------

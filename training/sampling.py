@@ -1,0 +1,240 @@
+"""Samplers of Karras et al. 2022: the EDM sampler (Algorithm 2), the
+generalised ablation sampler (Section 3) and per-seed random numbers."""
+
+import math
+
+import numpy as np
+import torch
+
+#----------------------------------------------------------------------------
+# Noise level discretisations shared by both samplers.
+
+def _step_fractions(num_steps, device):
+    """i / (N - 1) for i = 0..N-1 in float64; a single step (N = 1) is at fraction 0, i.e. sigma_max."""
+    step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
+    return step_indices / max(num_steps - 1, 1)
+
+def edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=None):
+    """EDM time steps, eq. 5 of Karras et al. 2022: sigma_max .. sigma_min spaced uniformly in sigma^(1/rho)."""
+    return (sigma_max ** (1 / rho) + _step_fractions(num_steps, device) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+def iddpm_sigma_table(M, C_1, C_2, device=None):
+    """The improved-DDPM noise levels u[0..M] (u[M] = 0, decreasing in j) in float64."""
+    # alpha_bar(j) in float32 as the reference computes it (about 1e-7 from float64), u in float64.
+    j = torch.arange(M + 1, dtype=torch.float32)
+    alpha_bar = (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
+    ratios = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).tolist() # alpha_bar(j-1) / alpha_bar(j) at index j-1
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1): # M, ..., 1
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / ratios[j - 1] - 1)
+    return torch.tensor(u, dtype=torch.float64, device=device)
+
+def vp_sigma(t, beta_d, beta_min):
+    """VP noise level sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1); t a float or a tensor."""
+    return (math.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
+
+def _check_num_steps(num_steps):
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
+
+#----------------------------------------------------------------------------
+
+def edm_sampler(
+    net,                            # Denoiser D(x, sigma, class_labels) with sigma_min, sigma_max, round_sigma().
+    latents,                        # Initial noise [N, C, H, W] drawn from N(0, I).
+    class_labels    = None,         # One-hot labels [N, label_dim], or None.
+    randn_like      = torch.randn_like, # Noise source for the churn; called once per step.
+    num_steps       = 18,           # N; N = 1 is a single Euler step from sigma_max to 0.
+    sigma_min       = 0.002,        # Lowest noise level (clamped to the network's range).
+    sigma_max       = 80,           # Highest noise level (clamped to the network's range).
+    rho             = 7,            # Time step exponent.
+    S_churn         = 0,            # Stochasticity strength.
+    S_min           = 0,            # Churn only where S_min <= t_i <= S_max.
+    S_max           = float('inf'),
+    S_noise         = 1,            # Noise inflation of the churn.
+):
+    """EDM sampler: Algorithm 2 of Karras et al. 2022 (stochastic Heun, 2N - 1 evaluations)."""
+    _check_num_steps(num_steps)
+
+    # Adjust noise levels based on what's supported by the network.
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+
+    # Time step discretization; t_N = 0.
+    t_steps = net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device))
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+
+    # Main sampling loop.
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
+        x_cur = x_next
+
+        # Increase noise temporarily; randn_like is drawn even when gamma = 0 to keep the noise stream per seed.
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+
+        # Euler step.
+        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+
+        # Second order correction, except on the last step (t_N = 0).
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next, class_labels).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+
+    return x_next
+
+#----------------------------------------------------------------------------
+
+def ablation_sampler(
+    net,                            # Denoiser D(x, sigma, class_labels) with sigma_min, sigma_max, round_sigma().
+    latents,                        # Initial noise [N, C, H, W] drawn from N(0, I).
+    class_labels    = None,         # One-hot labels [N, label_dim], or None.
+    randn_like      = torch.randn_like, # Noise source for the churn; called once per step.
+    num_steps       = 18,           # N; N = 1 is a single Euler step from the highest level to 0.
+    sigma_min       = None,         # Lowest noise level; None = the discretization's default.
+    sigma_max       = None,         # Highest noise level; None = the discretization's default.
+    rho             = 7,            # Time step exponent of the 'edm' discretization.
+    solver          = 'heun',       # 'euler' | 'heun'.
+    discretization  = 'edm',        # 'vp' | 've' | 'iddpm' | 'edm'.
+    schedule        = 'linear',     # sigma(t): 'vp' | 've' | 'linear'.
+    scaling         = 'none',       # s(t): 'vp' | 'none'.
+    epsilon_s       = 1e-3,         # Lowest t of the VP discretization.
+    C_1             = 0.001,        # iDDPM: clipping of alpha_bar ratios.
+    C_2             = 0.008,        # iDDPM: cosine schedule offset.
+    M               = 1000,         # iDDPM: number of original time steps.
+    alpha           = 1,            # Position of the second evaluation (1 = Heun).
+    S_churn         = 0,            # Stochasticity strength.
+    S_min           = 0,            # Churn only where S_min <= sigma(t_i) <= S_max.
+    S_max           = float('inf'),
+    S_noise         = 1,            # Noise inflation of the churn.
+):
+    """Generalised sampler of Section 3 of Karras et al. 2022 (Table 1: VP, VE, iDDPM and EDM choices)."""
+    _check_num_steps(num_steps)
+    _check_choice('solver', solver, ['euler', 'heun'])
+    _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
+    _check_choice('schedule', schedule, ['vp', 've', 'linear'])
+    _check_choice('scaling', scaling, ['vp', 'none'])
+    device = latents.device
+
+    # Default noise level range of the discretization, then the network's range.
+    if sigma_min is None:
+        sigma_min = {'vp': vp_sigma(epsilon_s, beta_d=19.9, beta_min=0.1), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
+    if sigma_max is None:
+        sigma_max = {'vp': vp_sigma(1, beta_d=19.9, beta_min=0.1), 've': 100, 'iddpm': 81, 'edm': 80}[discretization]
+    sigma_min = max(sigma_min, net.sigma_min)
+    sigma_max = min(sigma_max, net.sigma_max)
+
+    # VP betas refitted so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max.
+    vp_beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+    vp_beta_min = np.log(sigma_max ** 2 + 1) - 0.5 * vp_beta_d
+
+    # Noise levels of the discretization.
+    if discretization == 'vp':
+        orig_t_steps = 1 + _step_fractions(num_steps, device) * (epsilon_s - 1)
+        sigma_steps = vp_sigma(orig_t_steps, vp_beta_d, vp_beta_min)
+    elif discretization == 've':
+        orig_t_steps = (sigma_max ** 2) * ((sigma_min ** 2 / sigma_max ** 2) ** _step_fractions(num_steps, device))
+        sigma_steps = orig_t_steps.sqrt()
+    elif discretization == 'iddpm':
+        u = iddpm_sigma_table(M, C_1, C_2, device=device)
+        u_filtered = u[torch.logical_and(u >= sigma_min, u <= sigma_max)]
+        step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
+        sigma_steps = u_filtered[((len(u_filtered) - 1) / max(num_steps - 1, 1) * step_indices).round().to(torch.int64)]
+    else:
+        sigma_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)
+
+    # Noise level schedule sigma(t), its derivative and inverse.
+    if schedule == 'vp':
+        sigma = lambda t: vp_sigma(t, vp_beta_d, vp_beta_min)
+        sigma_deriv = lambda t: 0.5 * (vp_beta_min + vp_beta_d * t) * (sigma(t) + 1 / sigma(t))
+        sigma_inv = lambda sig: ((vp_beta_min ** 2 + 2 * vp_beta_d * (sig ** 2 + 1).log()).sqrt() - vp_beta_min) / vp_beta_d
+    elif schedule == 've':
+        sigma = lambda t: t.sqrt()
+        sigma_deriv = lambda t: 0.5 / t.sqrt()
+        sigma_inv = lambda sig: sig ** 2
+    else:
+        sigma = lambda t: t
+        sigma_deriv = lambda t: 1
+        sigma_inv = lambda sig: sig
+
+    # Scaling schedule s(t) and its derivative.
+    if scaling == 'vp':
+        s = lambda t: 1 / (1 + sigma(t) ** 2).sqrt()
+        s_deriv = lambda t: -sigma(t) * sigma_deriv(t) * (s(t) ** 3)
+    else:
+        s = lambda t: 1
+        s_deriv = lambda t: 0
+
+    # ODE direction dx/dt at (x, t), given the denoised image D.
+    dxdt = lambda x, t, D: (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(t) * D
+
+    # Time steps from the rounded noise levels; t_N = 0.
+    t_steps = sigma_inv(net.round_sigma(sigma_steps))
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+
+    # Main sampling loop.
+    t_next = t_steps[0]
+    x_next = latents.to(torch.float64) * (sigma(t_next) * s(t_next))
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
+        x_cur = x_next
+
+        # Increase noise temporarily; randn_like is drawn even when gamma = 0 to keep the noise stream per seed.
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0
+        t_hat = sigma_inv(net.round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
+        x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
+
+        # Euler step.
+        h = t_next - t_hat
+        denoised = net(x_hat / s(t_hat), sigma(t_hat), class_labels).to(torch.float64)
+        d_cur = dxdt(x_hat, t_hat, denoised)
+
+        # Second order correction at t_hat + alpha h, except on the last step (t_N = 0).
+        if solver == 'euler' or i == num_steps - 1:
+            x_next = x_hat + h * d_cur
+        else:
+            x_prime = x_hat + alpha * h * d_cur
+            t_prime = t_hat + alpha * h
+            denoised = net(x_prime / s(t_prime), sigma(t_prime), class_labels).to(torch.float64)
+            d_prime = dxdt(x_prime, t_prime, denoised)
+            x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
+
+    return x_next
+
+#----------------------------------------------------------------------------
+
+class StackedRandomGenerator:
+    """Per-seed random numbers: one torch.Generator per image, so an image depends only on its seed."""
+
+    def __init__(self, device, seeds):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def _check_size(self, size):
+        if size[0] != len(self.generators):
+            raise ValueError(f'size {list(size)} does not match the number of seeds ({len(self.generators)})')
+
+    def randn(self, size, **kwargs):
+        """Stacked torch.randn(size[1:]), one draw per seed."""
+        self._check_size(size)
+        kwargs.setdefault('device', self.device)
+        return torch.stack([torch.randn(size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+    def randn_like(self, input):
+        """randn with the shape, dtype, layout and device of `input`."""
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
+
+    def randint(self, *args, size, **kwargs):
+        """Stacked torch.randint(*args, size=size[1:]), one draw per seed."""
+        self._check_size(size)
+        kwargs.setdefault('device', self.device)
+        return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+#----------------------------------------------------------------------------
