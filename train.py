@@ -1,0 +1,329 @@
+"""Command line for training EDM models: options -> config dict (build_config)
+-> training.training_loop.training_loop."""
+
+import json
+import os
+import random
+import re
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import training_loop
+
+#----------------------------------------------------------------------------
+# Presets: network architectures and preconditioning/loss pairs.
+
+ARCHITECTURES = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1,1], model_channels=128, channel_mult=[2,2,2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=[1,3,3,1], model_channels=128, channel_mult=[2,2,2]),
+    'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1,2,3,4]),
+}
+
+PRECONDITIONERS = { # --precond => (network class, loss class)
+    'vp':  ('training.networks.VPPrecond',  'training.loss.VPLoss'),
+    've':  ('training.networks.VEPrecond',  'training.loss.VELoss'),
+    'edm': ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
+}
+
+STATE_DUMP_RE = re.compile(r'training-state-(\d+)\.pt')
+
+#----------------------------------------------------------------------------
+
+def describe_dataset(dataset_kwargs):
+    """Open the training set once; return the facts the config needs (name, resolution, channels, size, labels)."""
+    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs) # subclass of training.dataset.Dataset
+    try:
+        return dnnlib.EasyDict(name=dataset_obj.name, resolution=dataset_obj.resolution, num_channels=dataset_obj.num_channels,
+                               size=len(dataset_obj), has_labels=dataset_obj.has_labels)
+    finally:
+        dataset_obj.close()
+
+#----------------------------------------------------------------------------
+
+def dataset_kwargs_from_opts(opts):
+    return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
+
+def build_config(opts, dataset, world_size=1):
+    """Turn the command-line options into the training config dict and the run description.
+
+    `opts` holds the click options (with `seed` already chosen), `dataset` the
+    result of describe_dataset(). Raises ValueError with a one-line message for
+    inconsistent options. Returns (config, desc).
+    """
+    opts = dnnlib.EasyDict(opts)
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dataset_kwargs_from_opts(opts)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=True, num_workers=opts.workers, prefetch_factor=2)
+    c.network_kwargs = dnnlib.EasyDict()
+    c.loss_kwargs = dnnlib.EasyDict()
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9,0.999], eps=1e-8)
+
+    # Dataset.
+    c.dataset_kwargs.resolution = dataset.resolution # be explicit about the resolution
+    c.dataset_kwargs.max_size = dataset.size # and the size
+    if opts.cond and not dataset.has_labels:
+        raise ValueError(f'--cond=True requires class labels in dataset.json, but {opts.data} has none')
+
+    # Network architecture.
+    if opts.arch not in ARCHITECTURES:
+        raise ValueError(f'--arch must be one of {", ".join(ARCHITECTURES)}, not {opts.arch!r}')
+    c.network_kwargs.update(ARCHITECTURES[opts.arch])
+
+    # Preconditioning and loss function.
+    if opts.precond not in PRECONDITIONERS:
+        raise ValueError(f'--precond must be one of {", ".join(PRECONDITIONERS)}, not {opts.precond!r}')
+    c.network_kwargs.class_name, c.loss_kwargs.class_name = PRECONDITIONERS[opts.precond]
+
+    # Network options.
+    if opts.cbase is not None:
+        c.network_kwargs.model_channels = opts.cbase
+    if opts.cres is not None:
+        c.network_kwargs.channel_mult = list(opts.cres)
+    if opts.augment:
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment)
+        c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        c.network_kwargs.augment_dim = 9
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    check_architecture(c.network_kwargs, dataset, opts)
+
+    # Training options.
+    c.total_kimg = max(int(opts.duration * 1000), 1)
+    c.ema_halflife_kimg = int(opts.ema * 1000)
+    c.lr_rampup_kimg = opts.lr_rampup
+    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
+    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    check_batch(opts.batch, opts.batch_gpu, world_size)
+
+    # Random seed.
+    c.seed = opts.seed
+
+    # Transfer learning and resume.
+    if opts.transfer is not None:
+        if opts.resume is not None:
+            raise ValueError('--transfer and --resume cannot be used together')
+        c.resume_pkl = opts.transfer
+        c.ema_rampup_ratio = None
+    elif opts.resume is not None:
+        match = STATE_DUMP_RE.fullmatch(os.path.basename(opts.resume))
+        if not match:
+            raise ValueError(f'--resume must name a training-state-NNNNNN.pt file of a previous run, not {opts.resume}')
+        if not os.path.isfile(opts.resume):
+            raise ValueError(f'--resume: {opts.resume} does not exist')
+        resume_pkl = os.path.join(os.path.dirname(opts.resume), f'network-snapshot-{match.group(1)}.pkl')
+        if os.path.isfile(resume_pkl):
+            c.resume_pkl = resume_pkl
+        c.resume_kimg = int(match.group(1))
+        c.resume_state_dump = opts.resume
+
+    # Description string.
+    cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
+    dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
+    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{dtype_str}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+    return c, desc
+
+def check_batch(batch, batch_gpu, world_size):
+    if batch % world_size != 0:
+        raise ValueError(f'--batch={batch} is not divisible by the number of GPUs ({world_size})')
+    per_gpu = batch // world_size
+    if batch_gpu is not None and batch_gpu < per_gpu and per_gpu % batch_gpu != 0:
+        raise ValueError(f'--batch={batch} is not divisible by {world_size} GPUs x --batch-gpu={batch_gpu}')
+
+def check_architecture(network_kwargs, dataset, opts):
+    """Reject datasets whose images the chosen U-Net cannot process."""
+    levels = len(network_kwargs['channel_mult'])
+    res = dataset.resolution
+    if levels < 1:
+        raise ValueError('--cres must list at least one channel multiplier')
+    if res < 2 ** (levels - 1) or res % 2 ** (levels - 1) != 0:
+        raise ValueError(f'{opts.data}: {res}x{res} images cannot be halved {levels - 1} times for the {levels} resolution levels of '
+                         f'--cres={",".join(map(str, network_kwargs["channel_mult"]))}; the resolution must be divisible by {2 ** (levels - 1)}')
+    if dataset.num_channels not in (1, 3):
+        raise ValueError(f'{opts.data}: images have {dataset.num_channels} channels; RGB (3) or grayscale (1) images are supported')
+    if network_kwargs['model_channels'] < 1 or any(m < 1 for m in network_kwargs['channel_mult']):
+        raise ValueError('--cbase and --cres must be positive')
+
+#----------------------------------------------------------------------------
+
+def pick_run_dir(outdir, desc, nosubdir=False):
+    """`{outdir}/{next id:05d}-{desc}`, the id one above the largest numbered entry (or outdir itself with --nosubdir)."""
+    if nosubdir:
+        return outdir
+    prev_ids = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            match = re.match(r'^\d+', name)
+            if match and os.path.isdir(os.path.join(outdir, name)):
+                prev_ids.append(int(match.group()))
+    cur_id = max(prev_ids, default=-1) + 1
+    return os.path.join(outdir, f'{cur_id:05d}-{desc}')
+
+def random_seed(device):
+    """A random seed chosen by rank 0 and broadcast to every rank."""
+    seed = torch.tensor(random.SystemRandom().randrange(1 << 31), dtype=torch.int64)
+    if dist.get_world_size() > 1:
+        seed = seed.to(device if device.type == 'cuda' else torch.device('cpu'))
+        torch.distributed.broadcast(seed, src=0)
+    return int(seed)
+
+#----------------------------------------------------------------------------
+
+def parse_int_list(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        return dnnlib.util.parse_int_list(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+@click.command()
+
+# Main options.
+@click.option('--outdir',        help='Where to save the results', metavar='DIR',                   type=str, required=True)
+@click.option('--data',          help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
+@click.option('--cond',          help='Train class-conditional model', metavar='BOOL',              type=bool, default=False, show_default=True)
+@click.option('--arch',          help='Network architecture', metavar='ddpmpp|ncsnpp|adm',          type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
+@click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
+
+# Hyperparameters.
+@click.option('--duration',      help='Training duration', metavar='MIMG',                          type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--batch',         help='Total batch size', metavar='INT',                            type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--batch-gpu',     help='Limit batch size per GPU', metavar='INT',                    type=click.IntRange(min=1))
+@click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT',       type=click.IntRange(min=1))
+@click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=str, callback=parse_int_list)
+@click.option('--lr',            help='Learning rate', metavar='FLOAT',                             type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--lr-rampup',     help='Learning rate ramp-up duration', metavar='KIMG',             type=click.FloatRange(min=0), default=10000, show_default=True)
+@click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
+
+# Performance-related.
+@click.option('--fp16',          help='Enable mixed-precision training', metavar='BOOL',            type=bool, default=False, show_default=True)
+@click.option('--ls',            help='Loss scaling', metavar='FLOAT',                              type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
+@click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
+@click.option('--workers',       help='DataLoader worker processes', metavar='INT',                 type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--device',        help='Device to train on  [default: cuda if available]', metavar='STR', type=str, default=None)
+
+# I/O-related.
+@click.option('--desc',          help='String to include in result dir name', metavar='STR',        type=str)
+@click.option('--nosubdir',      help='Do not create a subdirectory for results',                   is_flag=True)
+@click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
+@click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
+@click.option('--resume',        help='Resume from previous training state', metavar='PT',          type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
+
+def main(**kwargs):
+    """Train a denoiser network with the EDM (or VP/VE) loss and
+    preconditioning, on one or more GPUs or on the CPU.
+
+    Examples:
+
+    \b
+    # Class-conditional CIFAR-10 with DDPM++ on 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+
+    \b
+    # Continue a run exactly where it stopped
+    python train.py ... --resume=training-runs/00000-.../training-state-000100.pt
+
+    SIGTERM or Ctrl-C ends a run cleanly: it finishes the current step,
+    writes a network snapshot and a training state, prints the --resume
+    option that continues it, and exits with status 0.
+
+    \b
+    # Train a tiny model on the CPU
+    python train.py --outdir=training-runs --data=datasets/cifar10-32x32.zip \\
+        --cond=1 --arch=ddpmpp --cbase=32 --cres=1,2,2 --batch=32 --device=cpu
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    try:
+        device = dist.init(opts.device)
+    except ValueError as err:
+        raise click.ClickException(f'--device: {err}') from None
+
+    # Validate the options and the dataset.
+    try:
+        dataset = describe_dataset(dataset_kwargs_from_opts(opts))
+    except (ValueError, IOError) as err:
+        raise click.ClickException(f'--data: {err}') from None
+    if opts.seed is None:
+        opts.seed = random_seed(device)
+    try:
+        c, desc = build_config(opts, dataset, world_size=dist.get_world_size())
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+
+    # Pick output directory.
+    c.run_dir = pick_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None
+    if dist.get_rank() == 0 and not opts.nosubdir and os.path.exists(c.run_dir):
+        raise click.ClickException(f'output directory {c.run_dir} already exists')
+
+    # Print options.
+    dist.print0()
+    dist.print0('Training options:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    dist.print0(f'Output directory:        {c.run_dir}')
+    dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
+    dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
+    dist.print0(f'Network architecture:    {opts.arch}')
+    dist.print0(f'Preconditioning & loss:  {opts.precond}')
+    dist.print0(f'Number of GPUs:          {dist.get_world_size()}')
+    dist.print0(f'Batch size:              {c.batch_size}')
+    dist.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
+    dist.print0(f'Device:                  {device}')
+    dist.print0()
+
+    # Dry run?
+    if opts.dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+
+    # Create output directory.
+    dist.print0('Creating output directory...')
+    logger = None
+    if dist.get_rank() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+            json.dump(c, f, indent=2)
+        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+
+    # Train.
+    try:
+        training_loop.training_loop(**c, device=device)
+    except (ValueError, IOError, MemoryError) as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        if logger is not None:
+            logger.close()
+
+#----------------------------------------------------------------------------
+
+def default_options(**overrides):
+    """The command line's options with their defaults (as build_config takes them), updated by `overrides`."""
+    opts = dnnlib.EasyDict(main.make_context('train.py', [], resilient_parsing=True).params)
+    unknown = set(overrides) - set(opts)
+    if unknown:
+        raise ValueError(f'unknown options: {", ".join(sorted(unknown))}')
+    opts.update(overrides)
+    return opts
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------
