@@ -97,6 +97,8 @@ def build_config(opts, dataset, world_size=1):
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    if opts.precision != 'fp32' or opts.compile: # recorded only when used, so default configs stay as the reference writes them
+        c.update(precision=opts.precision, compile=opts.compile)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     check_batch(opts.batch, opts.batch_gpu, world_size)
 
@@ -211,6 +213,8 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL',                  type=bool, default=True, show_default=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL',                type=bool, default=True, show_default=True)
 @click.option('--workers',       help='DataLoader worker processes', metavar='INT',                 type=click.IntRange(min=0), default=1, show_default=True)
+@click.option('--precision',     help='Training precision: fp32 (faithful), tf32, bf16 (autocast)', type=click.Choice(['fp32', 'tf32', 'bf16']), default='fp32', show_default=True)
+@click.option('--compile',       help='torch.compile the network', metavar='BOOL',                  type=bool, default=False, show_default=True)
 @click.option('--device',        help='Device to train on  [default: cuda if available]', metavar='STR', type=str, default=None)
 
 # I/O-related.

@@ -86,6 +86,17 @@ def _wrap_ddp(net, device):
     return torch.nn.parallel.DistributedDataParallel(net, **ddp_kwargs)
 
 #----------------------------------------------------------------------------
+# Speed options.
+
+_PRECISIONS = ('fp32', 'tf32', 'bf16')
+
+def _set_attention(net, impl):
+    """Select the attention implementation of our networks; other modules are left alone."""
+    from training import networks
+    if any(isinstance(m, networks.UNetBlock) for m in net.modules()):
+        networks.set_attention_impl(net, impl)
+
+#----------------------------------------------------------------------------
 # Random number generator states, per rank, for exact resumption.
 
 def _get_rng_state(device):
@@ -176,6 +187,8 @@ def training_loop(
     resume_kimg         = 0,        # Start from the given training progress.
     cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
     device              = None,     # Device to train on; None = CUDA when available, else the CPU.
+    precision           = 'fp32',   # fp32 (faithful), tf32 (TF32 matmul/conv on CUDA), bf16 (autocast, float32 master weights).
+    compile             = False,    # torch.compile the network for the training step?
 ):
     dataset_kwargs = dict(dataset_kwargs or {})
     data_loader_kwargs = dict(data_loader_kwargs or {})
@@ -191,8 +204,11 @@ def training_loop(
     np.random.seed((seed * world_size + rank) % (1 << 31))
     torch.manual_seed(np.random.randint(1 << 31))
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    if precision not in _PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}; choose one of {", ".join(_PRECISIONS)}')
+    fast = (precision == 'bf16' or compile) # our fast paths: SDPA attention, channels-last, fused Adam, foreach EMA
+    torch.backends.cudnn.allow_tf32 = (precision == 'tf32')
+    torch.backends.cuda.matmul.allow_tf32 = (precision == 'tf32')
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     # Select batch size per GPU.
@@ -240,6 +256,9 @@ def training_loop(
     interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs) # subclass of torch.nn.Module
     net.train().requires_grad_(True).to(device)
+    if fast:
+        _set_attention(net, 'sdpa')
+        net = net.to(memory_format=torch.channels_last)
     if rank == 0:
         images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
         sigma = torch.ones([batch_gpu], device=device)
@@ -253,12 +272,15 @@ def training_loop(
     # Setup optimizer.
     dist.print0('Setting up optimizer...')
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs) # training.loss.(VP|VE|EDM)Loss
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs) # subclass of torch.optim.Optimizer
+    fused = dict(fused=True) if fast and device.type == 'cuda' and optimizer_kwargs.get('class_name') == 'torch.optim.Adam' else {}
+    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs, **fused) # subclass of torch.optim.Optimizer
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None # training.augment.AugmentPipe
     ddp = net
     if world_size > 1:
         ddp = _wrap_ddp(net, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    train_net = torch.compile(ddp) if compile else ddp
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
 
     # Resume training from previous snapshot.
     if resume_pkl is not None:
@@ -315,7 +337,8 @@ def training_loop(
                         images, labels = next(dataset_iterator)
                         images = images.to(device).to(torch.float32) / 127.5 - 1
                         labels = labels.to(device)
-                        loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                        with autocast():
+                            loss = loss_fn(net=train_net, images=images, labels=labels, augment_pipe=augment_pipe)
                         training_stats.report('Loss/loss', loss)
                         loss.sum().mul(loss_scaling / batch_gpu_total).backward()
             except _OOM_ERRORS:
@@ -335,8 +358,11 @@ def training_loop(
                 ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
             ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
             with torch.no_grad():
-                for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                    p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+                if fast: # one fused kernel per parameter group; equal up to float rounding
+                    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
+                else:
+                    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                        p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
 
             # Perform maintenance tasks once per tick.
             cur_nimg += batch_size
@@ -371,6 +397,8 @@ def training_loop(
                 for key, value in data.items():
                     if isinstance(value, torch.nn.Module):
                         value = copy.deepcopy(value).eval().requires_grad_(False)
+                        _set_attention(value, 'reference') # snapshots always hold the faithful network
+                        value = value.to(memory_format=torch.contiguous_format)
                         if world_size > 1:
                             misc.check_ddp_consistency(value)
                         data[key] = value.cpu()
