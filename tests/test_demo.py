@@ -1,0 +1,73 @@
+"""The demo model: README's first command works offline, and the pickle is a real digits model."""
+
+import os
+import re
+import shlex
+import textwrap
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from conftest import ROOT, run_script
+
+DEMO_PKL = os.path.join(ROOT, 'demo', 'edm-digits-16x16-cond.pkl')
+
+
+def readme_first_command():
+    """The generate command of the first code block of README.md (after the install step)."""
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        block = re.search(r'```\n(.*?)\n```', f.read(), re.S).group(1)
+    return shlex.split(block.split('&&')[-1].strip())
+
+
+def test_readme_first_command_generates_digits(tmp_path):
+    args = readme_first_command()
+    assert args[:2] == ['python', 'generate.py']
+    outdir, grid = tmp_path / 'out', tmp_path / 'out' / 'grid.png'
+    replace = {'--seeds': '--seeds=0-5', '--outdir': f'--outdir={outdir}', '--grid': f'--grid={grid}'}
+    args = [replace.get(a.split('=')[0], a) for a in args[1:]]
+    res = run_script(args)
+    names = sorted(os.listdir(outdir))
+    assert names == [f'{seed:06d}.png' for seed in range(6)] + ['grid.png']
+    for name in names[:-1]:
+        with PIL.Image.open(outdir / name) as image:
+            assert image.mode == 'L' and image.size == (16, 16)
+            pixels = np.asarray(image)
+        assert pixels.std() > 20 # a digit on a dark background, not a flat image
+    with PIL.Image.open(grid) as image:
+        assert image.size == (3 * 16, 2 * 16)
+    assert 'Wrote 6 images' in res.stdout
+
+
+def test_demo_pickle_loads_in_fresh_process(tmp_path):
+    script = textwrap.dedent(f'''
+        import pickle, torch
+        with open({DEMO_PKL!r}, 'rb') as f:
+            data = pickle.load(f)
+        net = data['ema']
+        x = torch.randn([2, net.img_channels, net.img_resolution, net.img_resolution])
+        with torch.no_grad():
+            out = net(x, torch.tensor([1.0, 1.0]), torch.eye(net.label_dim)[[3, 7]])
+        print(type(net).__name__, net.img_resolution, net.img_channels, net.label_dim, tuple(out.shape), sorted(data))
+    ''')
+    out = run_script(['-c', script], cwd=str(tmp_path)).stdout.split(maxsplit=4)
+    assert out[:4] == ['EDMPrecond', '16', '1', '10']
+    assert 'ema' in out[4] and 'dataset_kwargs' in out[4]
+
+
+def test_demo_samples_are_recognisable_digits():
+    sklearn = pytest.importorskip('sklearn')
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+    import torch
+    from demo.evaluate import sample_digits, to_digit_scale
+    from training.network_io import load_network_pkl
+
+    digits = load_digits()
+    classifier = SVC(gamma=0.001, C=10).fit(digits.images.reshape(len(digits.images), -1), digits.target)
+    net = load_network_pkl(DEMO_PKL)
+    images, classes = sample_digits(net, num=40, steps=12, device=torch.device('cpu'), batch=40)
+    accuracy = (classifier.predict(to_digit_scale(images)) == classes).mean()
+    print(f'classifier accuracy on 40 demo samples: {accuracy:.3f}')
+    assert accuracy >= 0.8
