@@ -72,7 +72,15 @@ def assert_shape(tensor, ref_shape):
 # indefinitely, shuffling items as it goes.
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, window_size=0.5, start_idx=0):
+    """Endless shuffled index stream. Every rank walks the same global order and
+    takes every num_replicas-th index; after position i, order[i] is swapped
+    with a random earlier position within a window of window_size * len.
+
+    To resume, `start_idx` skips the first positions (by replaying the swaps),
+    and `start_state` (from state_at()) jumps straight to a saved position.
+    """
+
+    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0, window_size=0.5, start_idx=0, start_state=None):
         if len(dataset) <= 0:
             raise ValueError('InfiniteSampler needs a non-empty dataset')
         if num_replicas <= 0 or not 0 <= rank < num_replicas or not 0 <= window_size <= 1:
@@ -87,9 +95,10 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.window_size = window_size
-        self.start_idx = start_idx # global position to resume from (images consumed by all ranks)
+        self.start_idx = start_idx      # Global position to resume from (images consumed by all ranks).
+        self.start_state = start_state  # Saved walk state at or before start_idx, or None.
 
-    def __iter__(self):
+    def _initial(self):
         order = np.arange(len(self.dataset))
         rnd = None
         window = 0
@@ -97,15 +106,40 @@ class InfiniteSampler(torch.utils.data.Sampler):
             rnd = np.random.RandomState(self.seed)
             rnd.shuffle(order)
             window = int(np.rint(order.size * self.window_size))
+        return order, rnd, window, 0
 
-        idx = 0
-        while True:
+    def _restore(self, state):
+        order, rnd, window, _ = self._initial()
+        if len(state['order']) != order.size:
+            raise ValueError(f'sampler state is for {len(state["order"])} images, the dataset has {order.size}')
+        order = np.array(state['order'], dtype=order.dtype)
+        if rnd is not None:
+            rnd.set_state(state['rnd_state'])
+        return order, rnd, window, int(state['idx'])
+
+    @staticmethod
+    def _step(order, rnd, window, idx):
+        """The swap that follows position idx."""
+        if window >= 2:
             i = idx % order.size
+            j = (i - rnd.randint(window)) % order.size
+            order[i], order[j] = order[j], order[i]
+
+    def state_at(self, idx, state=None):
+        """The walk state at global position `idx`, replayed from `state` (or from the start)."""
+        order, rnd, window, cur = self._initial() if state is None or int(state['idx']) > idx else self._restore(state)
+        while cur < idx:
+            self._step(order, rnd, window, cur)
+            cur += 1
+        return dict(idx=cur, order=order.copy(), rnd_state=(rnd.get_state() if rnd is not None else None))
+
+    def __iter__(self):
+        use_state = self.start_state is not None and int(self.start_state['idx']) <= self.start_idx
+        order, rnd, window, idx = self._restore(self.start_state) if use_state else self._initial()
+        while True:
             if idx >= self.start_idx and idx % self.num_replicas == self.rank:
-                yield order[i]
-            if window >= 2:
-                j = (i - rnd.randint(window)) % order.size
-                order[i], order[j] = order[j], order[i]
+                yield order[idx % order.size]
+            self._step(order, rnd, window, idx)
             idx += 1
 
 #----------------------------------------------------------------------------

@@ -233,11 +233,12 @@ def training_loop(
             dist.print0(f'Note: the state was saved with batch {state.get("batch_size")} on {state.get("world_size")} GPUs; '
                         f'resuming with batch {batch_size} on {world_size} GPUs does not repeat the original run exactly.')
     sampler_idx = int(state['sampler_idx']) if state is not None and 'sampler_idx' in state else cur_nimg
+    sampler_state = state.get('sampler_state') if state is not None else None # the data order's walk at sampler_idx
 
     # Load dataset.
     dist.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs) # subclass of training.dataset.Dataset
-    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=sampler_seed, start_idx=sampler_idx)
+    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=sampler_seed, start_idx=sampler_idx, start_state=sampler_state)
     loader_kwargs = {k: v for k, v in data_loader_kwargs.items() if k != 'class_name'}
     if loader_kwargs.get('num_workers', 0) == 0:
         loader_kwargs.pop('prefetch_factor', None) # only valid with worker processes
@@ -247,7 +248,7 @@ def training_loop(
     if device.type != 'cuda':
         loader_kwargs['pin_memory'] = False # pinning needs an accelerator
     dataset_loader = torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **loader_kwargs)
-    if sampler_idx > 0:
+    if sampler_idx > 0 and sampler_state is None:
         dist.print0(f'Fast-forwarding the data order to image {sampler_idx}...')
     dataset_iterator = iter(dataset_loader)
 
@@ -412,12 +413,14 @@ def training_loop(
             if interrupted or ((state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0):
                 rng_states = _gather_to_rank0(_get_rng_state(device))
                 if rank == 0:
+                    # The data order's walk at the next image, replayed from the previous dump, so resuming needs no replay.
+                    sampler_state = dataset_sampler.state_at(sampler_idx + (cur_nimg - start_nimg), sampler_state)
                     state_path = os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt')
                     _write_torch(state_path, dict(
                         net=net, optimizer_state=optimizer.state_dict(), ema=ema,
                         cur_nimg=cur_nimg, cur_tick=(cur_tick if interrupted else cur_tick + 1),
                         tick_start_nimg=(tick_start_nimg if interrupted else cur_nimg),
-                        sampler_seed=sampler_seed, sampler_idx=sampler_idx + (cur_nimg - start_nimg), # next image of the data order
+                        sampler_seed=sampler_seed, sampler_idx=sampler_idx + (cur_nimg - start_nimg), sampler_state=sampler_state, # next image of the data order
                         batch_size=batch_size, world_size=world_size, rng_states=rng_states,
                     ))
                 del rng_states
