@@ -167,6 +167,17 @@ def pick_run_dir(outdir, desc, nosubdir=False):
     cur_id = max(prev_ids, default=-1) + 1
     return os.path.join(outdir, f'{cur_id:05d}-{desc}')
 
+def previous_seed(resume):
+    """The seed recorded by the run that wrote the --resume state, or None."""
+    if resume is None:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(resume), 'training_options.json'), 'rt') as f:
+            seed = json.load(f).get('seed')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) else None
+
 def random_seed(device):
     """A random seed chosen by rank 0 and broadcast to every rank."""
     seed = torch.tensor(random.SystemRandom().randrange(1 << 31), dtype=torch.int64)
@@ -263,6 +274,8 @@ def main(**kwargs):
         dataset = describe_dataset(dataset_kwargs_from_opts(opts))
     except (ValueError, IOError) as err:
         raise click.ClickException(f'--data: {err}') from None
+    if opts.seed is None:
+        opts.seed = previous_seed(opts.resume)
     if opts.seed is None:
         opts.seed = random_seed(device)
     try:

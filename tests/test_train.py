@@ -169,6 +169,8 @@ def test_resume_after_shorter_run_is_bit_identical(baseline, data, tmp_path):
     first, second = run_dirs(tmp_path)
     assert os.path.basename(second).startswith('00001-')
     assert 'Training for 2 kimg' in res.stdout
+    with open(os.path.join(second, 'training_options.json')) as f:
+        assert json.load(f)['seed'] == 0 # the resumed run records the seed it continues
     assert_same_training_state(os.path.join(second, 'training-state-000002.pt'), os.path.join(baseline['run_dir'], 'training-state-000002.pt'))
     assert_same_tensors(load_pkl(os.path.join(second, 'network-snapshot-000002.pkl'))['ema'],
                         load_pkl(os.path.join(baseline['run_dir'], 'network-snapshot-000002.pkl'))['ema'])
