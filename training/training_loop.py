@@ -61,12 +61,18 @@ def _worker_init(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-def _agree_to_stop(local_request, device):
+_stop_group = None # gloo process group for the stop flag, so that checking it never waits for the GPU
+
+def _agree_to_stop(local_request):
     """True on every rank when any rank was asked to stop (a collective call under DDP)."""
+    global _stop_group
     if dist.get_world_size() == 1:
         return bool(local_request)
-    flag = torch.tensor([1.0 if local_request else 0.0], device=device if device.type == 'cuda' else torch.device('cpu'))
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if _stop_group is None:
+        is_gloo = torch.distributed.get_backend() == 'gloo'
+        _stop_group = torch.distributed.group.WORLD if is_gloo else torch.distributed.new_group(backend='gloo')
+    flag = torch.tensor([1.0 if local_request else 0.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=_stop_group)
     return bool(flag.item() > 0)
 
 #----------------------------------------------------------------------------
@@ -336,8 +342,8 @@ def training_loop(
                 for round_idx in range(num_accumulation_rounds):
                     with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
                         images, labels = next(dataset_iterator)
-                        images = images.to(device).to(torch.float32) / 127.5 - 1
-                        labels = labels.to(device)
+                        images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+                        labels = labels.to(device, non_blocking=True)
                         with autocast():
                             loss = loss_fn(net=train_net, images=images, labels=labels, augment_pipe=augment_pipe)
                         training_stats.report('Loss/loss', loss)
@@ -368,7 +374,7 @@ def training_loop(
             # Perform maintenance tasks once per tick.
             cur_nimg += batch_size
             done = (cur_nimg >= total_kimg * 1000)
-            interrupted = (not done) and _agree_to_stop(stop.requested or dist.should_stop(), device)
+            interrupted = (not done) and _agree_to_stop(stop.requested or dist.should_stop())
             if interrupted:
                 dist.print0(f'\nStop requested (SIGTERM/SIGINT): saving a snapshot and the training state at {cur_nimg} images...', flush=True)
             if (not done) and (not interrupted) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
