@@ -106,7 +106,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters):
         except ImportError:
             from generate import edm_sampler, StackedRandomGenerator
         net.eval().requires_grad_(False)
-        run_net = torch.compile(net) if mode == 'fast' else net
+        run_net = torch.compile(net, mode=('reduce-overhead' if is_cuda else None)) if mode == 'fast' else net # CUDA graphs
         batch = cfg['sample_batch']
         rnd = StackedRandomGenerator(device, list(range(batch)))
         latents = rnd.randn([batch, cfg['ch'], cfg['res'], cfg['res']])
