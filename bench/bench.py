@@ -51,7 +51,6 @@ MODES = ['fp32', 'tf32', 'fp16', 'bf16', 'fast']
 
 def _worker(root, config_name, mode, device_name, what, steps, iters):
     sys.path.insert(0, root)
-    import numpy as np
     import torch
     import dnnlib
 

@@ -16,7 +16,7 @@ import types
 import urllib.parse
 import uuid
 
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 #----------------------------------------------------------------------------
 # Attribute dict.

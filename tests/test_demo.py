@@ -57,7 +57,7 @@ def test_demo_pickle_loads_in_fresh_process(tmp_path):
 
 
 def test_demo_samples_are_recognisable_digits():
-    sklearn = pytest.importorskip('sklearn')
+    pytest.importorskip('sklearn')
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
     import torch

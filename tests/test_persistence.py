@@ -2,13 +2,12 @@
 
 import os
 import pickle
-import sys
 import textwrap
 
 import numpy as np
 import torch
 
-from conftest import ROOT, fixture_file, run_script
+from conftest import fixture_file, run_script
 
 
 def _check_fixture_objects(data, expected):
