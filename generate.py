@@ -82,14 +82,17 @@ class SamplerNet:
         return out
 
 def prepare_network(net, device, precision='fp32', use_compile=False):
-    """Move `net` to `device` for sampling; fp32 = true float32 (TF32 off), tf32 = TF32 matmul/conv on CUDA,
+    """Move `net` to `device` for sampling; fp32 = float32 with PyTorch's default TF32 use (as the reference), tf32 = TF32 matmul/conv on CUDA,
     bf16/fp16 = autocast with float32 weights. Reduced precision and --compile also rebuild the network
     from our classes with SDPA attention and channels-last weights."""
     if precision not in ('fp32', 'tf32', *AUTOCAST_DTYPES):
         raise ValueError(f'unknown precision {precision!r}; choose one of fp32, tf32, {", ".join(AUTOCAST_DTYPES)}')
     if device.type == 'cuda':
+        # fp32 keeps PyTorch's defaults, with which the reference samples: cuDNN may use TF32 for convolutions,
+        # matmuls stay float32 (NVIDIA_TF32_OVERRIDE=0 forces strict float32); tf32 also allows it for matmuls.
         torch.backends.cuda.matmul.allow_tf32 = (precision == 'tf32')
-        torch.backends.cudnn.allow_tf32 = (precision == 'tf32')
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True # the fastest convolution algorithms for the fixed batch shape
     if precision in AUTOCAST_DTYPES or use_compile:
         # Fast paths: our own classes (also for published pickles), fused attention, channels-last.
         net = rebuild_network(net)
@@ -180,7 +183,7 @@ def generate_images(net, seeds, outdir, device, subdirs=False, class_idx=None, m
 
 @click.option('--device',                  help='Device  [default: cuda when available, else cpu]', metavar='STR',    type=str, default=None)
 @click.option('--grid',                    help='Also write a grid of all images to this PNG', metavar='PATH',        type=str, default=None)
-@click.option('--precision',               help='Network precision (fp32 = faithful, TF32 off)',                                type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']), default='fp32', show_default=True)
+@click.option('--precision',               help='Network precision (fp32 = faithful, as the reference)',                                type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']), default='fp32', show_default=True)
 @click.option('--compile', 'compile_net',  help='torch.compile the network (CUDA graphs on CUDA)',                                          is_flag=True)
 
 def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, precision, compile_net, **sampler_kwargs):

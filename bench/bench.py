@@ -8,15 +8,24 @@ DDPM++ and ImageNet-64 ADM configurations with random weights.
 
 Each measurement runs in its own subprocess (`--worker`), so a checkout
 given with `--ref` is imported in isolation with its own `training` package.
-Modes: fp32 (faithful default), tf32, fp16 (the network's own use_fp16 path),
-bf16 (autocast), and `fast` (bf16 autocast + channels-last + SDPA attention +
-torch.compile + fused Adam; this checkout only).
+Modes, for this checkout: fp32 (the faithful default), tf32, fp16 and bf16
+(`--precision` of generate.py / train.py; sampling fp16 is autocast, training
+fp16 the network's use_fp16 path as `train.py --fp16=1`) and `fast` (sampling:
+`--precision=fp16 --compile`, CUDA graphs on CUDA; training:
+`--precision=bf16 --compile=1`). A `--ref` checkout runs fp32, tf32, fp16
+(use_fp16) and bf16 (autocast) as the reference's scripts would.
+
+The weights are random, with the layers that start near zero redrawn at unit
+gain so that the network shapes the images: the PSNR of each mode's images
+against this checkout's fp32 images then measures precision loss.
 """
 
+import copy
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import click
@@ -48,8 +57,28 @@ MODES = ['fp32', 'tf32', 'fp16', 'bf16', 'fast']
 
 #----------------------------------------------------------------------------
 # Worker: one measurement, in a fresh process, printed as one JSON line.
+#
+# Each checkout runs the way its own scripts run it. This checkout samples
+# through generate.prepare_network (--precision, --compile) and trains as
+# training_loop does. Another checkout (--ref) samples as the reference's
+# generate.py does (PyTorch's default TF32 settings, its own attention) and
+# trains as its training loop does (TF32 off); its fp16 mode is the network's
+# use_fp16 path and its bf16 mode plain autocast.
 
-def _worker(root, config_name, mode, device_name, what, steps, iters):
+def _set_inductor_options(text):
+    """Apply 'key=value,...' to torch._inductor.config (values: int, float, true/false or text)."""
+    import torch._inductor.config as config # pylint: disable=import-outside-toplevel
+    for item in filter(None, text.split(',')):
+        key, value = item.split('=', 1)
+        for parse in (int, float, {'true': True, 'false': False}.__getitem__, str):
+            try:
+                value = parse(value.lower() if parse is not str else value)
+                break
+            except (ValueError, KeyError):
+                continue
+        setattr(config, key, value)
+
+def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, save_images=None, inductor=''):
     sys.path.insert(0, root)
     import torch
     import dnnlib
@@ -60,25 +89,20 @@ def _worker(root, config_name, mode, device_name, what, steps, iters):
     ours = os.path.abspath(root) == ROOT
     if mode == 'fast' and not ours:
         return dict(skipped='fast mode exists only in this checkout')
-    torch.backends.cuda.matmul.allow_tf32 = mode in ('tf32', 'fast')
-    torch.backends.cudnn.allow_tf32 = mode in ('tf32', 'fast')
-    torch.backends.cudnn.benchmark = True
+    if inductor:
+        _set_inductor_options(inductor)
     torch.manual_seed(0)
 
     net_kwargs = dict(cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
-    if mode == 'fp16':
-        net_kwargs['use_fp16'] = True
-    net = dnnlib.util.construct_class_by_name(**net_kwargs).to(device)
+    if mode == 'fp16' and (what == 'train' or not ours):
+        net_kwargs['use_fp16'] = True # the reference's fp16 path (train.py --fp16=1)
+    net = dnnlib.util.construct_class_by_name(**net_kwargs)
+    with torch.no_grad(): # redraw the layers initialised near zero at unit gain, so that the weights shape the images
+        for param in net.parameters():
+            if param.ndim > 1 and param.abs().max() < 1e-3:
+                param.normal_(0, param[0].numel() ** -0.5)
+    net = net.to(device)
     num_params = sum(p.numel() for p in net.parameters())
-    autocast_dtype = torch.bfloat16 if mode in ('bf16', 'fast') else None
-    def autocast():
-        if autocast_dtype is None:
-            return torch.autocast(device.type, enabled=False)
-        return torch.autocast(device.type, dtype=autocast_dtype)
-    if mode == 'fast':
-        from training import networks
-        networks.set_attention_impl(net, 'sdpa')
-        net = net.to(memory_format=torch.channels_last)
 
     def sync():
         if is_cuda:
@@ -105,26 +129,39 @@ def _worker(root, config_name, mode, device_name, what, steps, iters):
         except ImportError:
             from generate import edm_sampler, StackedRandomGenerator
         net.eval().requires_grad_(False)
-        run_net = torch.compile(net, mode=('reduce-overhead' if is_cuda else None)) if mode == 'fast' else net # CUDA graphs
-        batch = cfg['sample_batch']
+        if ours:
+            from generate import prepare_network
+            precision = {'fast': 'fp16'}.get(mode, mode) # fp16: bf16's speed with 3 more mantissa bits
+            sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'))
+        else:
+            if mode == 'tf32':
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            dtype = torch.bfloat16 if mode == 'bf16' else None
+            class RefSamplerNet: # the sampler sees the usual attributes; the call runs under autocast
+                def __getattr__(self, name):
+                    return getattr(net, name)
+                def __call__(self, *args, **kwargs):
+                    with torch.autocast(device.type, dtype=dtype, enabled=(dtype is not None)):
+                        return net(*args, **kwargs)
+            sampler_net = RefSamplerNet()
+        batch = batch or cfg['sample_batch']
         rnd = StackedRandomGenerator(device, list(range(batch)))
         latents = rnd.randn([batch, cfg['ch'], cfg['res'], cfg['res']])
         labels = torch.eye(cfg['label_dim'], device=device)[rnd.randint(cfg['label_dim'], size=[batch], device=device)]
-        class Wrapped: # the sampler sees the usual attributes; the call runs under autocast
-            def __getattr__(self, name):
-                return getattr(net, name)
-            def __call__(self, *args, **kwargs):
-                with autocast():
-                    return run_net(*args, **kwargs).float()
-        wrapped = Wrapped()
         if is_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
-            edm_sampler(wrapped, latents, labels, num_steps=steps) # warm-up (and compilation)
+            t0 = time.perf_counter()
+            images = edm_sampler(sampler_net, latents, labels, num_steps=steps) # warm-up (and compilation)
             sync()
+            result['warmup_sec'] = time.perf_counter() - t0
+            if save_images:
+                import numpy as np
+                np.save(save_images, (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu().numpy())
             t0 = time.perf_counter()
             for _ in range(iters):
-                edm_sampler(wrapped, latents, labels, num_steps=steps)
+                edm_sampler(sampler_net, latents, labels, num_steps=steps)
             sync()
             seconds = (time.perf_counter() - t0) / iters
         nfe = 2 * steps - 1
@@ -133,35 +170,48 @@ def _worker(root, config_name, mode, device_name, what, steps, iters):
 
     if what == 'train':
         from training.loss import EDMLoss
+        torch.backends.cudnn.benchmark = True # both training loops default to cudnn_benchmark=True
+        torch.backends.cudnn.allow_tf32 = (mode == 'tf32') # both training loops turn TF32 off by default
+        torch.backends.cuda.matmul.allow_tf32 = (mode == 'tf32')
+        fast = ours and mode in ('bf16', 'fast') # train.py --precision=bf16 [--compile=1]
         net.train().requires_grad_(True)
+        if fast:
+            from training import networks
+            networks.set_attention_impl(net, 'sdpa')
+            net = net.to(memory_format=torch.channels_last)
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
         run_net = torch.compile(net) if mode == 'fast' else net
+        autocast_dtype = torch.bfloat16 if mode in ('bf16', 'fast') else None
         loss_fn = EDMLoss()
         opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-        if ours and is_cuda:
+        if fast and is_cuda:
             opt_kwargs['fused'] = True
         optimizer = torch.optim.Adam(net.parameters(), **opt_kwargs)
-        batch = cfg['train_batch']
+        batch = batch or cfg['train_batch']
         images = torch.randn([batch, cfg['ch'], cfg['res'], cfg['res']], device=device)
         labels = torch.eye(cfg['label_dim'], device=device)[torch.randint(cfg['label_dim'], [batch], device=device)]
-        if mode == 'fast':
-            images = images.contiguous(memory_format=torch.channels_last)
-        class TrainWrapped(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.inner = run_net
-            def forward(self, *args, **kwargs):
-                with autocast():
-                    return self.inner(*args, **kwargs).float()
-        wrapped = TrainWrapped()
-        def step():
+        ema_beta = 0.999
+        def step(): # one training step as the training loops do it, with the EMA update
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net=wrapped, images=images, labels=labels)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=(autocast_dtype is not None)):
+                loss = loss_fn(net=run_net, images=images, labels=labels)
             loss.sum().mul(1 / batch).backward()
+            for param in net.parameters():
+                if param.grad is not None:
+                    torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
             optimizer.step()
+            with torch.no_grad():
+                if fast:
+                    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
+                else:
+                    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                        p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
         if is_cuda:
             torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
         step(); step() # warm-up (and compilation)
         sync()
+        result['warmup_sec'] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(iters):
             step()
@@ -176,17 +226,27 @@ def _worker(root, config_name, mode, device_name, what, steps, iters):
 
 #----------------------------------------------------------------------------
 
-def _run_worker(root, config, mode, device, what, steps, iters, timeout):
+def _run_worker(root, config, mode, device, what, steps, iters, timeout, batch=None, save_images=None, inductor=''):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--root={root}', f'--configs={config}',
-           f'--modes={mode}', f'--device={device}', f'--what={what}', f'--steps={steps}', f'--iters={iters}']
+           f'--modes={mode}', f'--device={device}', f'--what={what}', f'--steps={steps}', f'--iters={iters}',
+           f'--inductor={inductor}'] + ([f'--batch={batch}'] if batch else []) + ([f'--save-images={save_images}'] if save_images else [])
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
     except subprocess.TimeoutExpired:
-        return dict(error='timeout')
+        return dict(error=f'timeout after {timeout} s')
     lines = [line for line in res.stdout.splitlines() if line.startswith('{')]
     if res.returncode != 0 or not lines:
-        return dict(error=(res.stderr.strip().splitlines() or ['failed'])[-1])
+        stderr = res.stderr.strip().splitlines()
+        return dict(error=(stderr or ['failed'])[-1], log='\n'.join(stderr[-20:]))
     return json.loads(lines[-1])
+
+def _psnr(path_a, path_b):
+    """PSNR in dB between two uint8 image arrays (inf when identical)."""
+    import numpy as np
+    a = np.load(path_a).astype(np.float64)
+    b = np.load(path_b).astype(np.float64)
+    mse = np.mean((a - b) ** 2)
+    return float('inf') if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
 def _fmt(value, spec):
     return format(value, spec) if isinstance(value, (int, float)) else '-'
@@ -204,11 +264,18 @@ def _fmt(value, spec):
 @click.option('--peak-tflops', help='Peak dense TFLOP/s of the device, for MFU (H100/H200 bf16: 989)', metavar='FLOAT', type=float, default=989.0, show_default=True)
 @click.option('--quick', help='Small configurations, fp32 and bf16, one iteration (CPU smoke test)', is_flag=True)
 @click.option('--timeout', help='Seconds per measurement', metavar='INT', type=int, default=1800, show_default=True)
-@click.option('--json', 'json_path', help='Also write the results here', metavar='PATH', type=str, default=None)
+@click.option('--batch', help='Batch size (default: the configuration\'s)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--inductor', help='torch._inductor.config settings for the fast mode, e.g. conv_1x1_as_mm=true', metavar='LIST', type=str, default='')
+@click.option('--json', 'json_path', help='Also write the results here (rewritten after each measurement)', metavar='PATH', type=str, default=None)
 @click.option('--worker', is_flag=True, hidden=True)
 @click.option('--root', type=str, default=ROOT, hidden=True)
-def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, json_path, worker, root):
-    """Measure sampling and training speed; with --ref, print our/ref ratios."""
+@click.option('--save-images', type=str, default=None, hidden=True)
+def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, json_path, worker, root, save_images):
+    """Measure sampling and training speed; with --ref, print our/ref ratios.
+
+    Sampled images are compared with this checkout's fp32 images of the same
+    latents (PSNR in dB over uint8 pixels) when fp32 is among the modes.
+    """
     if device is None:
         import torch
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -226,25 +293,33 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
             raise click.ClickException(f'--modes: unknown mode {mode!r} (valid: {", ".join(MODES)})')
 
     if worker:
-        print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters)))
+        print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters, batch, save_images, inductor)))
         return
 
     roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])
     whats = ['sample', 'train'] if what == 'both' else [what]
+    modes = sorted(modes, key=lambda m: m != 'fp32') # fp32 first: the other modes' images are compared with it
     results = []
-    for config in configs:
-        for w in whats:
-            for mode in modes:
-                row = dict(config=config, what=w, mode=mode)
-                for label, path in roots:
-                    row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout)
-                results.append(row)
-                _print_row(row, peak_tflops, bool(ref_root))
+    with tempfile.TemporaryDirectory() as image_dir:
+        for config in configs:
+            for w in whats:
+                for mode in modes:
+                    row = dict(config=config, what=w, mode=mode)
+                    for label, path in roots:
+                        images = os.path.join(image_dir, f'{config}-{mode}-{label}.npy') if w == 'sample' else None
+                        row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout, batch, images, inductor)
+                        baseline = os.path.join(image_dir, f'{config}-fp32-ours.npy')
+                        if images and os.path.isfile(images) and os.path.isfile(baseline):
+                            row[label]['psnr_vs_fp32'] = _psnr(images, baseline)
+                    results.append(row)
+                    _print_row(row, peak_tflops, bool(ref_root))
+                    if json_path:
+                        sys.path.insert(0, ROOT)
+                        import dnnlib # pylint: disable=import-outside-toplevel
+                        with dnnlib.util.atomic_write(json_path, 'w') as f:
+                            json.dump(results, f, indent=2)
     if ref_root:
         _print_summary(results)
-    if json_path:
-        with open(json_path, 'w') as f:
-            json.dump(results, f, indent=2)
 
 def _print_summary(results):
     """Our fastest mode and our fp32 against the reference's fp32 (its default)."""
@@ -263,23 +338,34 @@ def _print_summary(results):
                 text += f"; ours fp32 vs ref fp32: x{speedup(ours_fp32[0]):.2f}"
             print(text)
 
+def _describe(res, metric, unit):
+    """'12.345 img/s  35.2 dB' or the error of one measurement."""
+    if 'error' in res or 'skipped' in res:
+        return res.get('error') or res.get('skipped')
+    text = f"{_fmt(res[metric], '9.3f')} {unit}"
+    if 'psnr_vs_fp32' in res:
+        text += f"  PSNR {_fmt(res['psnr_vs_fp32'], '5.1f')} dB"
+    return text
+
 def _print_row(row, peak_tflops, with_ref):
     ours = row['ours']
-    if 'error' in ours or 'skipped' in ours:
-        print(f"{row['config']:15s} {row['what']:6s} {row['mode']:5s} ours: {ours.get('error') or ours.get('skipped')}", flush=True)
-        return
     metric, unit, better_higher = ('images_per_sec', 'img/s', True) if row['what'] == 'sample' else ('sec_per_kimg', 's/kimg', False)
+    head = f"{row['config']:15s} {row['what']:6s} {row['mode']:5s}"
+    if 'error' in ours or 'skipped' in ours:
+        print(f"{head} ours: {_describe(ours, metric, unit)}", flush=True)
+        if ours.get('log'):
+            print(ours['log'], flush=True)
+        return
     mfu = ours.get('achieved_tflops') / peak_tflops * 100 if ours.get('achieved_tflops') and ours['device'] != 'cpu' else None
-    text = (f"{row['config']:15s} {row['what']:6s} {row['mode']:5s} {_fmt(ours[metric], '9.3f')} {unit:6s} "
-            f"{_fmt(ours.get('gflop'), '7.2f')} GFLOP/img  {_fmt(ours.get('peak_mem_gb'), '6.2f')} GB  MFU {_fmt(mfu, '5.1f')}%  "
+    text = (f"{head} {_describe(ours, metric, unit)}  {_fmt(ours.get('gflop'), '7.2f')} GFLOP/img  "
+            f"{_fmt(ours.get('peak_mem_gb'), '6.2f')} GB  MFU {_fmt(mfu, '5.1f')}%  warm-up {_fmt(ours.get('warmup_sec'), '.0f')} s  "
             f"[{ours['device_name']}]")
     if with_ref:
         ref = row['ref']
-        if 'error' in ref or 'skipped' in ref:
-            text += f"  ref: {ref.get('error') or ref.get('skipped')}"
-        else:
+        text += f"  ref {_describe(ref, metric, unit)}"
+        if metric in ref:
             ratio = ours[metric] / ref[metric] if better_higher else ref[metric] / ours[metric]
-            text += f"  ref {_fmt(ref[metric], '9.3f')} {unit}  speed-up x{ratio:.2f}"
+            text += f"  speed-up x{ratio:.2f}"
     print(text, flush=True)
 
 #----------------------------------------------------------------------------

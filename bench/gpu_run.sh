@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU measurement session: the benchmark's CIFAR-10 and ImageNet-64 rows
+# in priority order, each bounded in time, with logs and JSON under $OUT.
+#   OUT=/tmp/out bash bench/gpu_run.sh [sample|train|imagenet|demo]...
+# The inductor cache can be carried between machines (INDUCTOR_TGZ_IN/OUT).
+set -u
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
+PY=${PY:-python3}
+if [ -n "${INDUCTOR_TGZ_IN:-}" ] && ls $INDUCTOR_TGZ_IN* >/dev/null 2>&1; then
+    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && cat $INDUCTOR_TGZ_IN* | tar xzf - -C "$TORCHINDUCTOR_CACHE_DIR"
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+$PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+
+for part in "$@"; do
+    case $part in
+    sample)   timeout 420 $PY bench/bench.py --configs=cifar10-ddpmpp --what=sample --modes=${SAMPLE_MODES:-fp32,fast,fp16} --timeout=200 --json="$OUT/cifar-sample.json" ;;
+    train)    timeout 420 $PY bench/bench.py --configs=cifar10-ddpmpp --what=train --modes=${TRAIN_MODES:-fp32,fast,fp16} --timeout=250 --json="$OUT/cifar-train.json" ;;
+    imagenet) timeout 420 $PY bench/bench.py --configs=imagenet-adm --modes=fp16,fast --timeout=200 --iters=2 --json="$OUT/imagenet.json" ;;
+    demo)     # generate.py end to end on the demo model: faithful vs fp16 + CUDA graphs, PSNR over 512 images.
+              time timeout 200 $PY generate.py --network=demo/edm-digits-16x16-cond.pkl --outdir=/tmp/demo-fp32 --seeds=0-511 --batch=256 &&
+              time timeout 300 $PY generate.py --network=demo/edm-digits-16x16-cond.pkl --outdir=/tmp/demo-fast --seeds=0-511 --batch=256 --precision=fp16 --compile &&
+              $PY bench/psnr_dirs.py /tmp/demo-fp32 /tmp/demo-fast ;;
+    esac
+done
+if [ -n "${INDUCTOR_TGZ_OUT:-}" ]; then
+    tar czf - -C "$TORCHINDUCTOR_CACHE_DIR" . | split -b 15m - "$INDUCTOR_TGZ_OUT"
+    ls -la "$OUT"
+fi
