@@ -63,11 +63,12 @@ def save_image_grid(images, path, grid_size=None):
 class SamplerNet:
     """Calls `net` under torch.autocast (when `dtype` is given) and reports each call; other attributes are the network's."""
 
-    def __init__(self, net, device_type, dtype=None, on_call=None):
+    def __init__(self, net, device_type, dtype=None, on_call=None, pad_batches=False):
         self.net = net                  # Network (or its torch.compile wrapper).
         self.device_type = device_type  # 'cpu' | 'cuda' | ...
         self.dtype = dtype              # Autocast dtype, or None for the network's own precision.
         self.on_call = on_call          # Called after each network evaluation (progress), or None.
+        self.pad_batches = pad_batches  # Give every batch the same size (a compiled network then compiles once)?
 
     def __getattr__(self, name):
         if name == 'net':
@@ -82,9 +83,14 @@ class SamplerNet:
         return out
 
 def prepare_network(net, device, precision='fp32', use_compile=False):
-    """Move `net` to `device` for sampling; fp32 = float32 with PyTorch's default TF32 use (as the reference), tf32 = TF32 matmul/conv on CUDA,
-    bf16/fp16 = autocast with float32 weights. Reduced precision and --compile also rebuild the network
-    from our classes with SDPA attention and channels-last weights."""
+    """Move `net` to `device` for sampling at the given precision and wrap it for the samplers.
+
+    fp32 = float32 with PyTorch's default TF32 use, as the reference samples; tf32 = TF32 matmuls too;
+    bf16/fp16 = autocast with float32 weights, except fp16 without compilation on CUDA, which runs the
+    network's own float16 path (use_fp16, as the reference trains with --fp16=1). Reduced precision and
+    compilation rebuild the network from our classes (published pickles too) with SDPA attention;
+    compilation also makes the weights channels-last.
+    """
     if precision not in ('fp32', 'tf32', *AUTOCAST_DTYPES):
         raise ValueError(f'unknown precision {precision!r}; choose one of fp32, tf32, {", ".join(AUTOCAST_DTYPES)}')
     if device.type == 'cuda':
@@ -93,17 +99,22 @@ def prepare_network(net, device, precision='fp32', use_compile=False):
         torch.backends.cuda.matmul.allow_tf32 = (precision == 'tf32')
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True # the fastest convolution algorithms for the fixed batch shape
-    if precision in AUTOCAST_DTYPES or use_compile:
-        # Fast paths: our own classes (also for published pickles), fused attention, channels-last.
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is not None or use_compile:
         net = rebuild_network(net)
         if type(net).__module__ == 'training.networks':
             set_attention_impl(net, 'sdpa')
+    if use_compile:
+        # Channels-last only pays under torch.compile: eager group_norm on CUDA converts such inputs back to NCHW.
         net = net.to(memory_format=torch.channels_last)
+    elif precision == 'fp16' and device.type == 'cuda' and hasattr(net, 'use_fp16'):
+        net.use_fp16 = True # float16 activations throughout: half the memory traffic of autocast's float32 norms
+        dtype = None
     net = net.to(device)
     if use_compile:
         # On CUDA, 'reduce-overhead' replays the network as CUDA graphs (the samplers copy each output at once).
         net = torch.compile(net, mode=('reduce-overhead' if device.type == 'cuda' else None))
-    return SamplerNet(net, device.type, dtype=AUTOCAST_DTYPES.get(precision))
+    return SamplerNet(net, device.type, dtype=dtype, pad_batches=use_compile)
 
 #----------------------------------------------------------------------------
 
@@ -128,28 +139,32 @@ def check_class(net, class_idx):
 @torch.no_grad()
 def sample_batches(net, seeds, device, class_idx=None, max_batch_size=64, progress=False, **sampler_kwargs):
     """Yield (batch_seeds, uint8 images [B, H, W, C]) for this rank's batches; each image depends only on its seed.
-    Unset (None) sampler options are not passed; any ablation option selects ablation_sampler."""
+    Unset (None) sampler options are not passed; any ablation option selects ablation_sampler.
+    A SamplerNet with pad_batches runs smaller batches padded with copies of their last seed."""
     check_class(net, class_idx)
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
     sampler_fn = ablation_sampler if any(key in sampler_kwargs for key in ABLATION_OPTIONS) else edm_sampler
     rank_batches = split_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size())
+    padded_size = max(map(len, rank_batches)) if getattr(net, 'pad_batches', False) else 0
     for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(not progress or dist.get_rank() != 0)):
         batch_size = len(batch_seeds)
         if batch_size == 0:
             continue
+        run_seeds = batch_seeds + batch_seeds[-1:] * (padded_size - batch_size) # the padding's images are dropped
+        run_size = len(run_seeds)
 
         # Pick latents and labels; labels are drawn after the latents, also when --class overrides them.
-        rnd = StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        rnd = StackedRandomGenerator(device, run_seeds)
+        latents = rnd.randn([run_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
         class_labels = None
         if net.label_dim:
-            class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[batch_size], device=device)]
+            class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[run_size], device=device)]
         if class_idx is not None:
             class_labels[:, :] = 0
             class_labels[:, class_idx] = 1
 
         images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
-        yield batch_seeds, images_to_uint8(images)
+        yield batch_seeds, images_to_uint8(images[:batch_size])
 
 def generate_images(net, seeds, outdir, device, subdirs=False, class_idx=None, max_batch_size=64, **sampler_kwargs):
     """Write this rank's images as outdir/{seed:06d}.png (see sample_batches)."""

@@ -178,6 +178,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         if fast:
             from training import networks
             networks.set_attention_impl(net, 'sdpa')
+        if mode == 'fast':
             net = net.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
         run_net = torch.compile(net) if mode == 'fast' else net

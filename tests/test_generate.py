@@ -147,6 +147,32 @@ def test_bf16_close_to_fp32(pkls, tmp_path):
     print(f'bf16 vs fp32 (18 steps, 8 images): PSNR = {psnr:.1f} dB')
     assert psnr > 35
 
+def test_padded_batches_give_the_same_images():
+    # With pad_batches (set by --compile) the short last batch runs at full size; the images stay those of its seeds.
+    net = make_tiny_net(label_dim=LABEL_DIM)
+    sizes = []
+    net.register_forward_pre_hook(lambda _module, args: sizes.append(args[0].shape[0]))
+    device = torch.device('cpu')
+    runs = {}
+    for pad in [False, True]:
+        sizes.clear()
+        sampler_net = generate.SamplerNet(net, 'cpu', pad_batches=pad)
+        runs[pad] = list(generate.sample_batches(sampler_net, list(range(5)), device, max_batch_size=2, num_steps=2))
+        assert sorted(set(sizes)) == ([2] if pad else [1, 2])
+    assert [seeds for seeds, _ in runs[True]] == [[0, 1], [2, 3], [4]]
+    for (seeds_a, images_a), (seeds_b, images_b) in zip(runs[False], runs[True]):
+        assert seeds_a == seeds_b and images_a.shape == images_b.shape and np.array_equal(images_a, images_b)
+
+def test_compile_close_to_eager(pkls, tmp_path):
+    # torch.compile (inductor on the CPU) through the command line; 3 seeds in batches of 2 compile one shape.
+    run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path / "eager"}', '--seeds=0-2', '--batch=2', *FAST)
+    run_script(['generate.py', f'--network={pkls["cond"]}', f'--outdir={tmp_path / "compiled"}', '--seeds=0-2', '--batch=2',
+                '--compile', *FAST])
+    eager, compiled = read_pngs(tmp_path / 'eager'), read_pngs(tmp_path / 'compiled')
+    assert sorted(compiled) == sorted(eager) == ['000000.png', '000001.png', '000002.png']
+    mse = np.mean([np.mean((eager[name][1].astype(float) - compiled[name][1].astype(float)) ** 2) for name in eager])
+    assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 40
+
 #----------------------------------------------------------------------------
 # Clear one-line errors.
 

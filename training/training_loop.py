@@ -265,6 +265,7 @@ def training_loop(
     net.train().requires_grad_(True).to(device)
     if fast:
         _set_attention(net, 'sdpa')
+    if compile: # channels-last only pays under torch.compile: eager group_norm on CUDA converts such inputs back to NCHW
         net = net.to(memory_format=torch.channels_last)
     if rank == 0:
         images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
