@@ -182,6 +182,7 @@ def calculate_inception_stats_for_network(
     class_idx       = None,         # Class of every image; None: random.
     device          = None,         # Device of the network and the detector; None: CUDA when available.
     precision       = 'fp32',       # Network precision as in generate.py: fp32 (faithful), tf32, bf16, fp16.
+    use_compile     = False,        # torch.compile the network, as generate.py --compile?
     detector_url    = DETECTOR_URL, # Feature detector pickle (path or URL).
     feature_dim     = None,         # Expected feature size (of the reference statistics), checked before sampling.
     **sampler_kwargs,               # Options of edm_sampler (num_steps, sigma_min, ...).
@@ -193,7 +194,7 @@ def calculate_inception_stats_for_network(
         raise ValueError(f'{len(seeds)} seed(s) given; FID statistics need at least 2 images')
     dist.print0(f'Loading network from "{network_pkl}"...')
     net = _rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0)))
-    net = prepare_network(net, device, precision=precision)
+    net = prepare_network(net, device, precision=precision, use_compile=use_compile)
     detector = _rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0)))
 
     dist.print0(f'Calculating statistics for {len(seeds)} generated images...')
@@ -231,9 +232,8 @@ def _default_workers(num_workers):
     return min(3, cpus)
 
 def _finish():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    dist.barrier()
+    dist.finish()
 
 def _common_options(fn):
     """--detector, --device and --workers, on both commands."""
@@ -273,7 +273,7 @@ def main():
 
 # Options of calc that only apply with --network (None when not given).
 _network_options = dict(seeds='--seeds', class_idx='--class', num_steps='--steps', sigma_min='--sigma_min', sigma_max='--sigma_max',
-                        rho='--rho', S_churn='--S_churn', S_min='--S_min', S_max='--S_max', S_noise='--S_noise', precision='--precision')
+                        rho='--rho', S_churn='--S_churn', S_min='--S_min', S_max='--S_max', S_noise='--S_noise', precision='--precision', compile_net='--compile')
 
 @main.command()
 @click.option('--images', 'image_path',    help='Path to the images', metavar='PATH|ZIP',                             type=str)
@@ -295,6 +295,7 @@ _network_options = dict(seeds='--seeds', class_idx='--class', num_steps='--steps
 @click.option('--S_max', 'S_max',          help='With --network: stoch. max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--S_noise', 'S_noise',      help='With --network: stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
 @click.option('--precision',               help='With --network: network precision, as in generate.py  [default: fp32]', type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']))
+@click.option('--compile', 'compile_net',  help='With --network: torch.compile the network, as in generate.py', is_flag=True, default=None)
 
 def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, detector_url, device, num_workers, **network_kwargs):
     """Calculate FID for a given set of images (or a network's samples)."""
@@ -314,6 +315,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
         raise click.ClickException(f'--seeds: {err}')
     class_idx = network_kwargs.pop('class_idx')
     precision = network_kwargs.pop('precision') or 'fp32'
+    use_compile = bool(network_kwargs.pop('compile_net'))
     sampler_kwargs = {name: value for name, value in network_kwargs.items() if value is not None} # unset: sampler defaults
 
     try:
@@ -325,7 +327,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
             mu, sigma = calculate_inception_stats(image_path, num_expected=num_expected, seed=seed,
                                                   num_workers=_default_workers(num_workers), **common)
         else:
-            mu, sigma = calculate_inception_stats_for_network(network_pkl, seeds, class_idx=class_idx, precision=precision,
+            mu, sigma = calculate_inception_stats_for_network(network_pkl, seeds, class_idx=class_idx, precision=precision, use_compile=use_compile,
                                                               **common, **sampler_kwargs)
         dist.print0('Calculating FID...')
         if dist.get_rank() == 0:

@@ -15,7 +15,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from training.network_io import load_network_pkl, rebuild_network
-from training.networks import set_attention_impl
+from training.networks import set_fast_paths
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator # re-exported, as in the reference
 
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling') # any of these selects ablation_sampler
@@ -88,8 +88,8 @@ def prepare_network(net, device, precision='fp32', use_compile=False):
     fp32 = float32 with PyTorch's default TF32 use, as the reference samples; tf32 = TF32 matmuls too;
     bf16/fp16 = autocast with float32 weights, except fp16 without compilation on CUDA, which runs the
     network's own float16 path (use_fp16, as the reference trains with --fp16=1). Reduced precision and
-    compilation rebuild the network from our classes (published pickles too) with SDPA attention;
-    compilation also makes the weights channels-last.
+    compilation rebuild the network from our classes (published pickles too) with the fast operations of
+    set_fast_paths; compilation also makes the weights channels-last.
     """
     if precision not in ('fp32', 'tf32', *AUTOCAST_DTYPES):
         raise ValueError(f'unknown precision {precision!r}; choose one of fp32, tf32, {", ".join(AUTOCAST_DTYPES)}')
@@ -103,7 +103,7 @@ def prepare_network(net, device, precision='fp32', use_compile=False):
     if dtype is not None or use_compile:
         net = rebuild_network(net)
         if type(net).__module__ == 'training.networks':
-            set_attention_impl(net, 'sdpa')
+            set_fast_paths(net) # SDPA attention, pooling for the [1,1] resampling filter
     if use_compile:
         # Channels-last only pays under torch.compile: eager group_norm on CUDA converts such inputs back to NCHW.
         net = net.to(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ given with `--ref` is imported in isolation with its own `training` package.
 Modes, for this checkout: fp32 (the faithful default), tf32, fp16 and bf16
 (`--precision` of generate.py / train.py; sampling fp16 is autocast, training
 fp16 the network's use_fp16 path as `train.py --fp16=1`) and `fast` (sampling:
-`--precision=fp16 --compile`, CUDA graphs on CUDA; training:
+`--precision=fp16 --compile` with CUDA graphs on CUDA, bf16 elsewhere; training:
 `--precision=bf16 --compile=1`). A `--ref` checkout runs fp32, tf32, fp16
 (use_fp16) and bf16 (autocast) as the reference's scripts would.
 
@@ -78,7 +78,7 @@ def _set_inductor_options(text):
                 continue
         setattr(config, key, value)
 
-def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, save_images=None, inductor=''):
+def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, save_images=None, inductor='', profile=None):
     sys.path.insert(0, root)
     import torch
     import dnnlib
@@ -131,7 +131,8 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         net.eval().requires_grad_(False)
         if ours:
             from generate import prepare_network
-            precision = {'fast': 'fp16'}.get(mode, mode) # fp16: bf16's speed with 3 more mantissa bits
+            # fast: fp16 on CUDA (bf16's speed with 3 more mantissa bits), bf16 elsewhere (CPUs emulate fp16).
+            precision = {'fast': 'fp16' if is_cuda else 'bf16'}.get(mode, mode)
             sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'))
         else:
             if mode == 'tf32':
@@ -164,6 +165,8 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
                 edm_sampler(sampler_net, latents, labels, num_steps=steps)
             sync()
             seconds = (time.perf_counter() - t0) / iters
+            if profile:
+                _profile(lambda: edm_sampler(sampler_net, latents, labels, num_steps=steps), sync, device, profile)
         nfe = 2 * steps - 1
         result.update(batch=batch, nfe=nfe, images_per_sec=batch / seconds,
                       achieved_tflops=(gflop * nfe * batch / seconds / 1e3) if gflop else None)
@@ -177,7 +180,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         net.train().requires_grad_(True)
         if fast:
             from training import networks
-            networks.set_attention_impl(net, 'sdpa')
+            networks.set_fast_paths(net)
         if mode == 'fast':
             net = net.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -218,6 +221,8 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             step()
         sync()
         seconds = (time.perf_counter() - t0) / iters
+        if profile:
+            _profile(step, sync, device, profile)
         result.update(batch=batch, sec_per_kimg=seconds / batch * 1000,
                       achieved_tflops=(3 * gflop * batch / seconds / 1e3) if gflop else None)
 
@@ -227,10 +232,31 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
 
 #----------------------------------------------------------------------------
 
-def _run_worker(root, config, mode, device, what, steps, iters, timeout, batch=None, save_images=None, inductor=''):
+def _profile(fn, sync, device, path):
+    """Write the operations of one more run of `fn`, most device time first, as a text table."""
+    from torch.profiler import ProfilerActivity, profile # pylint: disable=import-outside-toplevel
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    events = prof.key_averages()
+    for sort_by in (['self_device_time_total', 'self_cuda_time_total'] if device.type == 'cuda' else []) + ['self_cpu_time_total']:
+        try:
+            table = events.table(sort_by=sort_by, row_limit=40)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    with open(path, 'w') as f:
+        f.write(table + '\n')
+
+def _run_worker(root, config, mode, device, what, steps, iters, timeout, batch=None, save_images=None, inductor='', profile_dir=None):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--root={root}', f'--configs={config}',
            f'--modes={mode}', f'--device={device}', f'--what={what}', f'--steps={steps}', f'--iters={iters}',
            f'--inductor={inductor}'] + ([f'--batch={batch}'] if batch else []) + ([f'--save-images={save_images}'] if save_images else [])
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)
+        label = 'ours' if os.path.abspath(root) == ROOT else 'ref'
+        cmd.append(f'--profile={os.path.join(os.path.abspath(profile_dir), f"profile-{config}-{what}-{mode}-{label}.txt")}')
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
     except subprocess.TimeoutExpired:
@@ -267,11 +293,13 @@ def _fmt(value, spec):
 @click.option('--timeout', help='Seconds per measurement', metavar='INT', type=int, default=1800, show_default=True)
 @click.option('--batch', help='Batch size (default: the configuration\'s)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--inductor', help='torch._inductor.config settings for the fast mode, e.g. conv_1x1_as_mm=true', metavar='LIST', type=str, default='')
+@click.option('--profile-dir', help='Also profile one more run of each measurement; tables of operations go here', metavar='DIR', type=str, default=None)
 @click.option('--json', 'json_path', help='Also write the results here (rewritten after each measurement)', metavar='PATH', type=str, default=None)
 @click.option('--worker', is_flag=True, hidden=True)
 @click.option('--root', type=str, default=ROOT, hidden=True)
 @click.option('--save-images', type=str, default=None, hidden=True)
-def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, json_path, worker, root, save_images):
+@click.option('--profile', type=str, default=None, hidden=True)
+def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, profile_dir, json_path, worker, root, save_images, profile):
     """Measure sampling and training speed; with --ref, print our/ref ratios.
 
     Sampled images are compared with this checkout's fp32 images of the same
@@ -294,7 +322,7 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
             raise click.ClickException(f'--modes: unknown mode {mode!r} (valid: {", ".join(MODES)})')
 
     if worker:
-        print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters, batch, save_images, inductor)))
+        print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters, batch, save_images, inductor, profile)))
         return
 
     roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])
@@ -308,7 +336,7 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
                     row = dict(config=config, what=w, mode=mode)
                     for label, path in roots:
                         images = os.path.join(image_dir, f'{config}-{mode}-{label}.npy') if w == 'sample' else None
-                        row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout, batch, images, inductor)
+                        row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout, batch, images, inductor, profile_dir)
                         baseline = os.path.join(image_dir, f'{config}-fp32-ours.npy')
                         if images and os.path.isfile(images) and os.path.isfile(baseline):
                             row[label]['psnr_vs_fp32'] = _psnr(images, baseline)

@@ -206,6 +206,12 @@ def test_network_samples_equal_generated_pngs(setup, tmp_path):
                   '--device', 'cpu', env=s['env'])
     assert abs(last_float(res)) < 1e-6
 
+    # Compiled and in bfloat16: the same statistics up to rounding.
+    res = fid_cmd('calc', '--network', pkl, '--seeds', '0-19', *opts, '--ref', tmp_path / 'png.npz', '--detector', s['detector_pkl'],
+                  '--device', 'cpu', '--precision', 'bf16', '--compile', env=s['env'])
+    print(f'FID of bf16 + compile samples against the fp32 PNGs: {last_float(res):g}')
+    assert 0 <= last_float(res) < 1e-2
+
 #----------------------------------------------------------------------------
 # Clear one-line errors.
 

@@ -253,6 +253,32 @@ def test_sdpa_network_reproduces_fixture(name):
     with pytest.raises(ValueError, match='flash'):
         networks.set_attention_impl(net, 'flash')
 
+@pytest.mark.parametrize('name', ['net-edm-ddpmpp-cond-aug', 'net-edm-adm-uncond-aug', 'net-ve-ncsnpp-uncond-gray'])
+def test_fast_paths_reproduce_fixture(name):
+    # Pooling replaces the depthwise resampling convolutions only for the [1,1] filter (DDPM++, ADM), not NCSN++'s [1,3,3,1].
+    d = load_fixture(name)
+    net, _ = build_net(d)
+    networks.set_fast_paths(net)
+    pooled = sum(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
+    assert (pooled > 0) == (name != 'net-ve-ncsnpp-uncond-gray')
+    x, sigma, labels, kwargs = net_inputs(d)
+    with torch.no_grad():
+        assert rel_err(net.eval()(x, sigma, labels, **kwargs), d['out']) < OUT_TOL
+    grad_x, grads = fixture_gradients(net, d)
+    assert rel_err(grad_x, d['grad_x']) < OUT_TOL
+    assert max(rel_err(g, d[f'grad/{n}']) for n, g in grads.items()) < GRAD_TOL
+    networks.set_fast_paths(net, False)
+    assert not any(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
+    assert not any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock')
+
+def test_pooled_resampling_equals_depthwise_convolution():
+    for up in [False, True]:
+        conv = networks.Conv2d(in_channels=8, out_channels=8, kernel=0, up=up, down=not up)
+        x = torch.randn([2, 8, 6, 6], dtype=torch.float64)
+        expected = conv(x)
+        conv.pool_resample = True
+        assert torch.allclose(conv(x), expected, rtol=0, atol=1e-15) and conv(x).shape == expected.shape
+
 #----------------------------------------------------------------------------
 # Precision and memory layout.
 

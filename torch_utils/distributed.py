@@ -1,6 +1,7 @@
 """Process-group setup for single- and multi-process runs (`torchrun`):
 NCCL on CUDA, gloo on the CPU."""
 
+import atexit
 import os
 import sys
 
@@ -39,6 +40,7 @@ def init(device=None):
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = 'nccl' if device.type == 'cuda' and sys.platform != 'win32' else 'gloo'
         torch.distributed.init_process_group(backend=backend, init_method='env://')
+        atexit.register(finish) # shut the group down before interpreter teardown (gloo threads abort otherwise)
 
     sync_device = (device if device.type == 'cuda' else torch.device('cpu')) if get_world_size() > 1 else None
     try:
@@ -46,6 +48,13 @@ def init(device=None):
     except RuntimeError:
         pass # already synced once in this process (e.g. init() called twice)
     return device
+
+#----------------------------------------------------------------------------
+
+def finish():
+    """Destroy the process group, if any (idempotent; also runs at exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 #----------------------------------------------------------------------------
 

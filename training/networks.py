@@ -61,6 +61,8 @@ class Linear(torch.nn.Module):
 
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
+    pool_resample = False # Resample the [1,1] box filter by average pooling / nearest upsampling (see set_fast_paths).
+
     def __init__(self,
         in_channels,                    # Number of input channels.
         out_channels,                   # Number of output channels.
@@ -104,6 +106,13 @@ class Conv2d(torch.nn.Module):
         elif self.fused_resample and self.down and w is not None:
             x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad)
             x = torch.nn.functional.conv2d(x, f.tile([c_out, 1, 1, 1]), groups=c_out, stride=2)
+        elif self.pool_resample: # the same values as the depthwise convolutions below with the [1,1] filter
+            if self.up:
+                x = torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
+            if self.down:
+                x = torch.nn.functional.avg_pool2d(x, 2)
+            if w is not None:
+                x = torch.nn.functional.conv2d(x, w, padding=w_pad)
         else:
             if self.up:
                 x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=f_pad)
@@ -261,6 +270,21 @@ def set_attention_impl(net, impl):
         if hasattr(module, 'use_sdpa') and type(module).__name__ == 'UNetBlock':
             module.use_sdpa = (impl == 'sdpa')
             count += 1
+    return count
+
+def set_fast_paths(net, enabled=True):
+    """Switch every block of `net` between the faithful operations and the
+    fast ones, which compute the same function: SDPA attention, and average
+    pooling / nearest upsampling for the [1,1] resampling filter in place of
+    depthwise (transposed) convolutions. Returns the number of modules changed."""
+    count = set_attention_impl(net, 'sdpa' if enabled else 'reference')
+    box = torch.full([1, 1, 2, 2], 0.25)
+    for module in net.modules():
+        if type(module).__name__ == 'Conv2d' and hasattr(module, 'pool_resample'):
+            f = module.resample_filter
+            is_box = f is not None and f.shape == box.shape and torch.equal(f.detach().cpu().float(), box)
+            module.pool_resample = bool(enabled and is_box and not module.fused_resample)
+            count += int(module.pool_resample)
     return count
 
 #----------------------------------------------------------------------------

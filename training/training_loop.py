@@ -96,11 +96,11 @@ def _wrap_ddp(net, device):
 
 _PRECISIONS = ('fp32', 'tf32', 'bf16')
 
-def _set_attention(net, impl):
-    """Select the attention implementation of our networks; other modules are left alone."""
+def _set_fast_paths(net, enabled):
+    """Select the fast (or faithful) operations of our networks; other modules are left alone."""
     from training import networks
     if any(isinstance(m, networks.UNetBlock) for m in net.modules()):
-        networks.set_attention_impl(net, impl)
+        networks.set_fast_paths(net, enabled)
 
 #----------------------------------------------------------------------------
 # Random number generator states, per rank, for exact resumption.
@@ -212,7 +212,7 @@ def training_loop(
     torch.backends.cudnn.benchmark = cudnn_benchmark
     if precision not in _PRECISIONS:
         raise ValueError(f'unknown precision {precision!r}; choose one of {", ".join(_PRECISIONS)}')
-    fast = (precision == 'bf16' or compile) # our fast paths: SDPA attention, channels-last, fused Adam, foreach EMA
+    fast = (precision == 'bf16' or compile) # our fast paths: set_fast_paths, fused Adam, foreach EMA
     torch.backends.cudnn.allow_tf32 = (precision == 'tf32')
     torch.backends.cuda.matmul.allow_tf32 = (precision == 'tf32')
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
@@ -264,7 +264,7 @@ def training_loop(
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs) # subclass of torch.nn.Module
     net.train().requires_grad_(True).to(device)
     if fast:
-        _set_attention(net, 'sdpa')
+        _set_fast_paths(net, True)
     if compile: # channels-last only pays under torch.compile: eager group_norm on CUDA converts such inputs back to NCHW
         net = net.to(memory_format=torch.channels_last)
     if rank == 0:
@@ -405,7 +405,7 @@ def training_loop(
                 for key, value in data.items():
                     if isinstance(value, torch.nn.Module):
                         value = copy.deepcopy(value).eval().requires_grad_(False)
-                        _set_attention(value, 'reference') # snapshots always hold the faithful network
+                        _set_fast_paths(value, False) # snapshots always hold the faithful network
                         value = value.to(memory_format=torch.contiguous_format)
                         if world_size > 1:
                             misc.check_ddp_consistency(value)
