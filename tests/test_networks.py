@@ -237,17 +237,21 @@ def test_attention_ignores_autocast():
     assert w.dtype == torch.float32 and a.dtype == torch.float32
     assert rel_err(a, expected) < 1e-5
 
-@pytest.mark.parametrize('name', ['net-edm-adm-uncond-aug', 'net-vp-songunet-skip-cond'])
-def test_sdpa_network_reproduces_fixture(name):
-    d = load_fixture(name)
-    net, _ = build_net(d)
-    assert networks.set_attention_impl(net, 'sdpa') > 0
+def assert_reproduces_fixture(net, d):
+    """The output, the input gradient and every parameter gradient of `net` match fixture `d`."""
     x, sigma, labels, kwargs = net_inputs(d)
     with torch.no_grad():
         assert rel_err(net.eval()(x, sigma, labels, **kwargs), d['out']) < OUT_TOL
     grad_x, grads = fixture_gradients(net, d)
     assert rel_err(grad_x, d['grad_x']) < OUT_TOL
     assert max(rel_err(g, d[f'grad/{n}']) for n, g in grads.items()) < GRAD_TOL
+
+@pytest.mark.parametrize('name', ['net-edm-adm-uncond-aug', 'net-vp-songunet-skip-cond'])
+def test_sdpa_network_reproduces_fixture(name):
+    d = load_fixture(name)
+    net, _ = build_net(d)
+    assert networks.set_attention_impl(net, 'sdpa') > 0
+    assert_reproduces_fixture(net, d)
     networks.set_attention_impl(net, 'reference')
     assert not any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock')
     with pytest.raises(ValueError, match='flash'):
@@ -261,12 +265,7 @@ def test_fast_paths_reproduce_fixture(name):
     networks.set_fast_paths(net)
     pooled = sum(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
     assert (pooled > 0) == (name != 'net-ve-ncsnpp-uncond-gray')
-    x, sigma, labels, kwargs = net_inputs(d)
-    with torch.no_grad():
-        assert rel_err(net.eval()(x, sigma, labels, **kwargs), d['out']) < OUT_TOL
-    grad_x, grads = fixture_gradients(net, d)
-    assert rel_err(grad_x, d['grad_x']) < OUT_TOL
-    assert max(rel_err(g, d[f'grad/{n}']) for n, g in grads.items()) < GRAD_TOL
+    assert_reproduces_fixture(net, d)
     networks.set_fast_paths(net, False)
     assert not any(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
     assert not any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock')
