@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU measurement session: the benchmark's CIFAR-10 and ImageNet-64 rows
+# The GPU measurements: the benchmark's CIFAR-10 and ImageNet-64 rows
 # in priority order, each bounded in time, with logs and JSON under $OUT.
 #   OUT=/tmp/out bash bench/gpu_run.sh [sample|train|imagenet|profile|demo]...
 # The inductor cache can be carried between machines (INDUCTOR_TGZ_IN/OUT).
