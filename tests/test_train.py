@@ -359,18 +359,22 @@ def test_error_from_the_real_command_line(data, tmp_path):
 
 def test_bf16_fast_path_tracks_fp32(data, tmp_path):
     losses = {}
-    for precision in ['fp32', 'bf16']:
-        outdir = tmp_path / precision
-        run_script(train_args(outdir, data['uncond'], '--duration=0.001', '--seed=0', '--workers=0', f'--precision={precision}'))
+    runs = {'fp32': ['--precision=fp32'], 'bf16': ['--precision=bf16'], 'compiled': ['--precision=bf16', '--compile=1']}
+    for name, options in runs.items():
+        outdir = tmp_path / name
+        run_script(train_args(outdir, data['uncond'], '--duration=0.001', '--seed=0', '--workers=0', *options))
         (run_dir,) = run_dirs(outdir)
         with open(os.path.join(run_dir, 'stats.jsonl')) as f:
-            losses[precision] = [json.loads(line)['Loss/loss']['mean'] for line in f]
-        options = json.loads(open(os.path.join(run_dir, 'training_options.json')).read())
-        assert options.get('precision', 'fp32') == precision
+            losses[name] = [json.loads(line)['Loss/loss']['mean'] for line in f]
+        recorded = json.loads(open(os.path.join(run_dir, 'training_options.json')).read())
+        assert recorded.get('precision', 'fp32') == options[0].split('=')[1]
+        assert bool(recorded.get('compile', False)) == (name == 'compiled')
     # Same data, noise levels and noise: the per-tick mean loss differs only by bf16 rounding.
     np.testing.assert_allclose(losses['bf16'], losses['fp32'], rtol=0.03)
-    snapshot = load_pkl(sorted(glob.glob(os.path.join(run_dirs(tmp_path / 'bf16')[0], 'network-snapshot-*.pkl')))[-1])
-    blocks = [m for m in snapshot['ema'].modules() if type(m).__name__ == 'UNetBlock']
-    assert blocks and not any(getattr(m, 'use_sdpa', False) for m in blocks)
-    assert not any(getattr(m, 'pool_resample', False) for m in snapshot['ema'].modules())
-    assert all(p.is_contiguous() for p in snapshot['ema'].parameters())
+    np.testing.assert_allclose(losses['compiled'], losses['fp32'], rtol=0.03)
+    for name in ['bf16', 'compiled']:
+        snapshot = load_pkl(sorted(glob.glob(os.path.join(run_dirs(tmp_path / name)[0], 'network-snapshot-*.pkl')))[-1])
+        blocks = [m for m in snapshot['ema'].modules() if type(m).__name__ == 'UNetBlock']
+        assert blocks and not any(getattr(m, 'use_sdpa', False) for m in blocks)
+        assert not any(getattr(m, 'pool_resample', False) for m in snapshot['ema'].modules())
+        assert all(p.is_contiguous() for p in snapshot['ema'].parameters())
