@@ -273,6 +273,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     dist.barrier()
     dist.print0(f'Wrote {len(seeds)} images to "{outdir}"' + (f' and a grid to "{grid}"' if grid is not None else '') +
                 f' in {dnnlib.util.format_time(elapsed)} ({len(seeds) / elapsed:.2f} images/s).')
+    dist.finish()
 
 #----------------------------------------------------------------------------
 

@@ -321,6 +321,7 @@ def main(**kwargs):
     # Train.
     try:
         training_loop.training_loop(**c, device=device)
+        dist.finish()
     except (ValueError, IOError, MemoryError) as err:
         raise click.ClickException(str(err)) from None
     finally:

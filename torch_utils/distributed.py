@@ -40,7 +40,8 @@ def init(device=None):
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = 'nccl' if device.type == 'cuda' and sys.platform != 'win32' else 'gloo'
         torch.distributed.init_process_group(backend=backend, init_method='env://')
-        atexit.register(finish) # shut the group down before interpreter teardown (gloo threads abort otherwise)
+        if backend == 'gloo':
+            atexit.register(finish) # gloo's threads abort the process at interpreter teardown otherwise
 
     sync_device = (device if device.type == 'cuda' else torch.device('cpu')) if get_world_size() > 1 else None
     try:
@@ -52,7 +53,7 @@ def init(device=None):
 #----------------------------------------------------------------------------
 
 def finish():
-    """Destroy the process group, if any (idempotent; also runs at exit)."""
+    """Destroy the process group, if any; the scripts call it when they end normally (idempotent; with gloo also at exit)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
