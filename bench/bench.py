@@ -267,14 +267,6 @@ def _run_worker(root, config, mode, device, what, steps, iters, timeout, batch=N
         return dict(error=(stderr or ['failed'])[-1], log='\n'.join(stderr[-20:]))
     return json.loads(lines[-1])
 
-def _psnr(path_a, path_b):
-    """PSNR in dB between two uint8 image arrays (inf when identical)."""
-    import numpy as np
-    a = np.load(path_a).astype(np.float64)
-    b = np.load(path_b).astype(np.float64)
-    mse = np.mean((a - b) ** 2)
-    return float('inf') if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
-
 def _fmt(value, spec):
     return format(value, spec) if isinstance(value, (int, float)) else '-'
 
@@ -325,6 +317,10 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
         print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters, batch, save_images, inductor, profile)))
         return
 
+    import numpy as np # pylint: disable=import-outside-toplevel
+    sys.path.insert(0, ROOT) # the driver uses this checkout's helpers; the workers import theirs
+    import dnnlib # pylint: disable=import-outside-toplevel
+    from psnr_dirs import psnr # pylint: disable=import-outside-toplevel
     roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])
     whats = ['sample', 'train'] if what == 'both' else [what]
     modes = sorted(modes, key=lambda m: m != 'fp32') # fp32 first: the other modes' images are compared with it
@@ -339,12 +335,10 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
                         row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout, batch, images, inductor, profile_dir)
                         baseline = os.path.join(image_dir, f'{config}-fp32-ours.npy')
                         if images and os.path.isfile(images) and os.path.isfile(baseline):
-                            row[label]['psnr_vs_fp32'] = _psnr(images, baseline)
+                            row[label]['psnr_vs_fp32'] = psnr(np.load(images), np.load(baseline))
                     results.append(row)
                     _print_row(row, peak_tflops, bool(ref_root))
                     if json_path:
-                        sys.path.insert(0, ROOT)
-                        import dnnlib # pylint: disable=import-outside-toplevel
                         with dnnlib.util.atomic_write(json_path, 'w') as f:
                             json.dump(results, f, indent=2)
     if ref_root:

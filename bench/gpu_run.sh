@@ -2,16 +2,11 @@
 # The GPU measurements: the benchmark's CIFAR-10 and ImageNet-64 rows
 # in priority order, each bounded in time, with logs and JSON under $OUT.
 #   OUT=/tmp/out bash bench/gpu_run.sh [sample|train|imagenet|profile|demo]...
-# The inductor cache can be carried between machines (INDUCTOR_TGZ_IN/OUT).
 set -u
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
 PY=${PY:-python3}
-if [ -n "${INDUCTOR_TGZ_IN:-}" ] && ls $INDUCTOR_TGZ_IN* >/dev/null 2>&1; then
-    mkdir -p "$TORCHINDUCTOR_CACHE_DIR" && cat $INDUCTOR_TGZ_IN* | tar xzf - -C "$TORCHINDUCTOR_CACHE_DIR"
-fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 
@@ -28,7 +23,3 @@ for part in "$@"; do
               $PY bench/psnr_dirs.py /tmp/demo-fp32 /tmp/demo-fast ;;
     esac
 done
-if [ -n "${INDUCTOR_TGZ_OUT:-}" ]; then
-    tar czf - -C "$TORCHINDUCTOR_CACHE_DIR" . | split -b 15m - "$INDUCTOR_TGZ_OUT"
-    ls -la "$OUT"
-fi

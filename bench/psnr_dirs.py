@@ -10,17 +10,16 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate import read_image # pylint: disable=wrong-import-position
-
 
 def psnr(a, b):
     """PSNR in dB of uint8 images (inf when identical)."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float('inf') if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+    return float('inf') if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
 
 def main(dir_a, dir_b):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from generate import read_image # pylint: disable=import-outside-toplevel
     names = sorted(os.path.relpath(p, dir_a) for p in glob.glob(os.path.join(dir_a, '**', '*.png'), recursive=True))
     if not names:
         sys.exit(f'no PNG files in {dir_a}')

@@ -19,6 +19,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import network_io
+from training.networks import set_fast_paths
 
 #----------------------------------------------------------------------------
 # Out-of-memory errors of every supported torch version.
@@ -95,12 +96,6 @@ def _wrap_ddp(net, device):
 # Speed options.
 
 _PRECISIONS = ('fp32', 'tf32', 'bf16')
-
-def _set_fast_paths(net, enabled):
-    """Select the fast (or faithful) operations of our networks; other modules are left alone."""
-    from training import networks
-    if any(isinstance(m, networks.UNetBlock) for m in net.modules()):
-        networks.set_fast_paths(net, enabled)
 
 #----------------------------------------------------------------------------
 # Random number generator states, per rank, for exact resumption.
@@ -264,7 +259,7 @@ def training_loop(
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs) # subclass of torch.nn.Module
     net.train().requires_grad_(True).to(device)
     if fast:
-        _set_fast_paths(net, True)
+        set_fast_paths(net)
     if compile: # channels-last only pays under torch.compile: eager group_norm on CUDA converts such inputs back to NCHW
         net = net.to(memory_format=torch.channels_last)
     if rank == 0:
@@ -405,7 +400,7 @@ def training_loop(
                 for key, value in data.items():
                     if isinstance(value, torch.nn.Module):
                         value = copy.deepcopy(value).eval().requires_grad_(False)
-                        _set_fast_paths(value, False) # snapshots always hold the faithful network
+                        set_fast_paths(value, False) # snapshots always hold the faithful network
                         value = value.to(memory_format=torch.contiguous_format)
                         if world_size > 1:
                             misc.check_ddp_consistency(value)
