@@ -242,7 +242,7 @@ def _profile(fn, sync, device, path):
     events = prof.key_averages()
     for sort_by in (['self_device_time_total', 'self_cuda_time_total'] if device.type == 'cuda' else []) + ['self_cpu_time_total']:
         try:
-            table = events.table(sort_by=sort_by, row_limit=40)
+            table = events.table(sort_by=sort_by, row_limit=50)
             break
         except (AttributeError, KeyError, ValueError):
             continue

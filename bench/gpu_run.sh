@@ -1,24 +1,60 @@
 #!/usr/bin/env bash
-# The GPU measurements: the benchmark's CIFAR-10 and ImageNet-64 rows
-# in priority order, each bounded in time, with logs and JSON under $OUT.
-#   OUT=/tmp/out bash bench/gpu_run.sh [sample|train|imagenet|profile|demo]...
+# The GPU measurements, in priority order, each bounded in time; the log goes
+# to stdout, the merged JSON and the tables of operations to $OUT.
+#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [variants] [imagenet] [demo]
+# Parts:
+#   warm      compile every compiled measurement of sample/train/variants at once, in parallel
+#             processes, so that the measurements that follow load their kernels from the compiler cache
+#   sample    CIFAR-10 DDPM++ sampling, batch 256: fp32 (the default) and fast, with tables of operations
+#   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
+#   variants  fast sampling at batch 512; coordinate-descent tuning of the kernels for sampling and training
+#   imagenet  ImageNet-64 ADM sampling, fp16 eager (the network's use_fp16 path)
+#   demo      generate.py end to end on the demo model: fp32 vs fp16 + CUDA graphs, PSNR over 512 images
 set -u
 OUT=${OUT:-/tmp/bench-out}
-mkdir -p "$OUT"
+JSON_DIR=/tmp/bench-json
+mkdir -p "$OUT" "$JSON_DIR"
 export PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 PY=${PY:-python3}
+CIFAR="bench/bench.py --configs=cifar10-ddpmpp"
+C=--configs=cifar10-ddpmpp
+CDT=--inductor=coordinate_descent_tuning=true
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 $PY -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 
+# name, seconds, bench arguments: one measurement, its JSON kept for the merge.
+measure() {
+    local name=$1 secs=$2; shift 2
+    echo "== $name"
+    timeout "$secs" $PY bench/bench.py "$@" --json="$JSON_DIR/$name.json"
+    $PY - "$JSON_DIR" "$OUT/results.json" <<'EOF'
+import glob, json, os, sys
+merged = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(sys.argv[1], '*.json')))}
+json.dump(merged, open(sys.argv[2], 'w'), indent=1)
+EOF
+}
+
 for part in "$@"; do
     case $part in
-    sample)   timeout 420 $PY bench/bench.py --configs=cifar10-ddpmpp --what=sample --modes=${SAMPLE_MODES:-fp32,fast,fp16} --timeout=200 --json="$OUT/cifar-sample.json" ;;
-    train)    timeout 420 $PY bench/bench.py --configs=cifar10-ddpmpp --what=train --modes=${TRAIN_MODES:-fp32,fast,fp16} --timeout=250 --json="$OUT/cifar-train.json" ;;
-    imagenet) timeout 420 $PY bench/bench.py --configs=imagenet-adm --modes=fp16,fast --timeout=200 --iters=2 --json="$OUT/imagenet.json" ;;
-    profile)  # where the time of the fast modes goes: tables of operations, most device time first
-              timeout 420 $PY bench/bench.py --configs=cifar10-ddpmpp --modes=${PROFILE_MODES:-fast} --iters=1 --timeout=300 --profile-dir="$OUT" --json="$OUT/profile.json" ;;
-    demo)     # generate.py end to end on the demo model: faithful vs fp16 + CUDA graphs, PSNR over 512 images.
-              time timeout 200 $PY generate.py --network=demo/edm-digits-16x16-cond.pkl --outdir=/tmp/demo-fp32 --seeds=0-511 --batch=256 &&
+    warm)
+        echo "== warm: compiling in parallel"
+        start=$SECONDS
+        timeout 240 $PY $CIFAR --what=sample --modes=fast --iters=1 > /tmp/warm-s256.log 2>&1 &
+        timeout 240 $PY $CIFAR --what=train --modes=fast --iters=1 > /tmp/warm-t.log 2>&1 &
+        timeout 240 $PY $CIFAR --what=sample --modes=fast --iters=1 --batch=512 > /tmp/warm-s512.log 2>&1 &
+        timeout 240 $PY $CIFAR --what=sample --modes=fast --iters=1 $CDT > /tmp/warm-s256-cdt.log 2>&1 &
+        timeout 240 $PY $CIFAR --what=train --modes=fast --iters=1 $CDT > /tmp/warm-t-cdt.log 2>&1 &
+        wait
+        echo "warm: $((SECONDS - start)) s"
+        tail -n 3 /tmp/warm-*.log ;;
+    sample)   measure sample-256 180 $C --what=sample --modes=fp32,fast --profile-dir="$OUT" ;;
+    train)    measure train-512 180 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$OUT" ;;
+    variants) measure sample-512 120 $C --what=sample --modes=fast --batch=512
+              measure sample-256-cdt 120 $C --what=sample --modes=fast $CDT
+              measure train-512-cdt 120 $C --what=train --modes=fast --iters=5 $CDT ;;
+    imagenet) measure imagenet-64 120 --configs=imagenet-adm --what=sample --modes=fp16 --iters=2 ;;
+    demo)     time timeout 200 $PY generate.py --network=demo/edm-digits-16x16-cond.pkl --outdir=/tmp/demo-fp32 --seeds=0-511 --batch=256 &&
               time timeout 300 $PY generate.py --network=demo/edm-digits-16x16-cond.pkl --outdir=/tmp/demo-fast --seeds=0-511 --batch=256 --precision=fp16 --compile &&
               $PY bench/psnr_dirs.py /tmp/demo-fp32 /tmp/demo-fast ;;
     esac
