@@ -257,15 +257,24 @@ def test_sdpa_network_reproduces_fixture(name):
     with pytest.raises(ValueError, match='flash'):
         networks.set_attention_impl(net, 'flash')
 
+@pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('name', ['net-edm-ddpmpp-cond-aug', 'net-edm-adm-uncond-aug', 'net-ve-ncsnpp-uncond-gray'])
-def test_fast_paths_reproduce_fixture(name):
+def test_fast_paths_reproduce_fixture(name, channels_last):
     # Pooling replaces the depthwise resampling convolutions only for the [1,1] filter (DDPM++, ADM), not NCSN++'s [1,3,3,1].
+    # Channels-last weights make the group normalisations take their statistics in place (group_norm_nhwc).
     d = load_fixture(name)
     net, _ = build_net(d)
     networks.set_fast_paths(net)
     pooled = sum(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
     assert (pooled > 0) == (name != 'net-ve-ncsnpp-uncond-gray')
+    norm_layouts = []
+    for module in net.modules():
+        if type(module).__name__ == 'GroupNorm':
+            module.register_forward_pre_hook(lambda _m, args: norm_layouts.append(args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     assert_reproduces_fixture(net, d)
+    assert any(norm_layouts) or not channels_last
     networks.set_fast_paths(net, False)
     assert not any(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
     assert not any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock')

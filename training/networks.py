@@ -141,8 +141,29 @@ class GroupNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
+    channels_last_stats = False # Channels-last inputs: statistics over NHWC groups (see set_fast_paths).
+
     def forward(self, x):
+        if self.channels_last_stats and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+
+def _autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError: # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == 'cuda' else torch.is_autocast_cpu_enabled()
+
+def group_norm_nhwc(x, num_groups, weight, bias, eps):
+    """group_norm of a channels-last tensor, with its groups viewed in place rather than copied to NCHW
+    (the copy compiled group_norm makes); at least float32 arithmetic, and float32 output under autocast."""
+    N, C, H, W = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xg = x.to(dtype).permute(0, 2, 3, 1).reshape(N, H * W, num_groups, C // num_groups)
+    var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(N, H, W, C).permute(0, 3, 1, 2)
+    y = y * weight.to(dtype).reshape(1, -1, 1, 1) + bias.to(dtype).reshape(1, -1, 1, 1)
+    return y if _autocast_enabled(x.device.type) else y.to(x.dtype)
 
 #----------------------------------------------------------------------------
 # Attention weights softmax(q . k / sqrt(c)), computed in float32 in both the
@@ -177,9 +198,11 @@ class AttentionOp(torch.autograd.Function):
 def attention(q, k, v, use_sdpa=False):
     """Multi-head attention on [N*heads, C, L] tensors; returns a[n, c, i]."""
     if use_sdpa:
+        # [N*heads, 1, L, C] with contiguous channels: the fused kernels' layout (others fall back to float32 math).
+        q, k, v = (t.transpose(1, 2).unsqueeze(1).contiguous() for t in (q, k, v.to(q.dtype)))
         with _autocast_off(q.device):
-            a = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.to(q.dtype).transpose(1, 2))
-        return a.transpose(1, 2)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return a.squeeze(1).transpose(1, 2)
     w = AttentionOp.apply(q, k)
     return torch.einsum('nqk,nck->ncq', w, v)
 
@@ -274,12 +297,16 @@ def set_attention_impl(net, impl):
 
 def set_fast_paths(net, enabled=True):
     """Switch every block of `net` between the faithful operations and the
-    fast ones, which compute the same function: SDPA attention, and average
+    fast ones, which compute the same function: SDPA attention, average
     pooling / nearest upsampling for the [1,1] resampling filter in place of
-    depthwise (transposed) convolutions. Returns the number of modules changed."""
+    depthwise (transposed) convolutions, and group statistics taken in place
+    on channels-last inputs. Returns the number of modules changed."""
     count = set_attention_impl(net, 'sdpa' if enabled else 'reference')
     box = torch.full([1, 1, 2, 2], 0.25)
     for module in net.modules():
+        if type(module).__name__ == 'GroupNorm' and hasattr(module, 'channels_last_stats'):
+            module.channels_last_stats = bool(enabled)
+            count += 1
         if type(module).__name__ == 'Conv2d' and hasattr(module, 'pool_resample'):
             f = module.resample_filter
             is_box = f is not None and f.shape == box.shape and torch.equal(f.detach().cpu().float(), box)
