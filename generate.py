@@ -103,7 +103,7 @@ def prepare_network(net, device, precision='fp32', use_compile=False):
     if dtype is not None or use_compile:
         net = rebuild_network(net)
         if type(net).__module__ == 'training.networks':
-            set_fast_paths(net) # SDPA attention, pooling for the [1,1] resampling filter
+            set_fast_paths(net) # SDPA attention, pooling for the [1,1] resampling filter, in-place group statistics
     if use_compile:
         # Channels-last only pays under torch.compile: eager group_norm on CUDA converts such inputs back to NCHW.
         net = net.to(memory_format=torch.channels_last)

@@ -78,7 +78,7 @@ def _set_inductor_options(text):
                 continue
         setattr(config, key, value)
 
-def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, save_images=None, inductor='', profile=None):
+def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, save_images=None, inductor='', profile=None, slow_ops=''):
     sys.path.insert(0, root)
     import torch
     import dnnlib
@@ -134,6 +134,9 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             # fast: fp16 on CUDA (bf16's speed with 3 more mantissa bits), bf16 elsewhere (CPUs emulate fp16).
             precision = {'fast': 'fp16' if is_cuda else 'bf16'}.get(mode, mode)
             sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'))
+            if slow_ops: # before the first call, which compiles
+                from training import networks
+                networks.set_fast_paths(getattr(sampler_net.net, '_orig_mod', sampler_net.net), False, ops=slow_ops.split(','))
         else:
             if mode == 'tf32':
                 torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,6 +184,8 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         if fast:
             from training import networks
             networks.set_fast_paths(net)
+            if slow_ops:
+                networks.set_fast_paths(net, False, ops=slow_ops.split(','))
         if mode == 'fast':
             net = net.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -249,10 +254,10 @@ def _profile(fn, sync, device, path):
     with open(path, 'w') as f:
         f.write(table + '\n')
 
-def _run_worker(root, config, mode, device, what, steps, iters, timeout, batch=None, save_images=None, inductor='', profile_dir=None):
+def _run_worker(root, config, mode, device, what, steps, iters, timeout, batch=None, save_images=None, inductor='', profile_dir=None, slow_ops=''):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--root={root}', f'--configs={config}',
            f'--modes={mode}', f'--device={device}', f'--what={what}', f'--steps={steps}', f'--iters={iters}',
-           f'--inductor={inductor}'] + ([f'--batch={batch}'] if batch else []) + ([f'--save-images={save_images}'] if save_images else [])
+           f'--inductor={inductor}', f'--slow-ops={slow_ops}'] + ([f'--batch={batch}'] if batch else []) + ([f'--save-images={save_images}'] if save_images else [])
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
         label = 'ours' if os.path.abspath(root) == ROOT else 'ref'
@@ -285,13 +290,14 @@ def _fmt(value, spec):
 @click.option('--timeout', help='Seconds per measurement', metavar='INT', type=int, default=1800, show_default=True)
 @click.option('--batch', help='Batch size (default: the configuration\'s)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--inductor', help='torch._inductor.config settings for the fast mode, e.g. conv_1x1_as_mm=true', metavar='LIST', type=str, default='')
+@click.option('--slow-ops', help='Fast operations of set_fast_paths to leave off in our modes (attention,pool,norm), for A/B measurements', metavar='LIST', type=str, default='')
 @click.option('--profile-dir', help='Also profile one more run of each measurement; tables of operations go here', metavar='DIR', type=str, default=None)
 @click.option('--json', 'json_path', help='Also write the results here (rewritten after each measurement)', metavar='PATH', type=str, default=None)
 @click.option('--worker', is_flag=True, hidden=True)
 @click.option('--root', type=str, default=ROOT, hidden=True)
 @click.option('--save-images', type=str, default=None, hidden=True)
 @click.option('--profile', type=str, default=None, hidden=True)
-def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, profile_dir, json_path, worker, root, save_images, profile):
+def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, slow_ops, profile_dir, json_path, worker, root, save_images, profile):
     """Measure sampling and training speed; with --ref, print our/ref ratios.
 
     Sampled images are compared with this checkout's fp32 images of the same
@@ -314,12 +320,16 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
             raise click.ClickException(f'--modes: unknown mode {mode!r} (valid: {", ".join(MODES)})')
 
     if worker:
-        print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters, batch, save_images, inductor, profile)))
+        print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters, batch, save_images, inductor, profile, slow_ops)))
         return
 
     import numpy as np # pylint: disable=import-outside-toplevel
     sys.path.insert(0, ROOT) # the driver uses this checkout's helpers; the workers import theirs
     import dnnlib # pylint: disable=import-outside-toplevel
+    from training.networks import FAST_OPS # pylint: disable=import-outside-toplevel
+    for op in filter(None, slow_ops.split(',')):
+        if op not in FAST_OPS:
+            raise click.ClickException(f'--slow-ops: unknown operation {op!r} (valid: {", ".join(FAST_OPS)})')
     from psnr_dirs import psnr # pylint: disable=import-outside-toplevel
     roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])
     whats = ['sample', 'train'] if what == 'both' else [what]
@@ -332,7 +342,7 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
                     row = dict(config=config, what=w, mode=mode)
                     for label, path in roots:
                         images = os.path.join(image_dir, f'{config}-{mode}-{label}.npy') if w == 'sample' else None
-                        row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout, batch, images, inductor, profile_dir)
+                        row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout, batch, images, inductor, profile_dir, slow_ops)
                         baseline = os.path.join(image_dir, f'{config}-fp32-ours.npy')
                         if images and os.path.isfile(images) and os.path.isfile(baseline):
                             row[label]['psnr_vs_fp32'] = psnr(np.load(images), np.load(baseline))

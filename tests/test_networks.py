@@ -279,6 +279,21 @@ def test_fast_paths_reproduce_fixture(name, channels_last):
     assert not any(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
     assert not any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock')
 
+def test_fast_paths_switch_the_operations_asked_for():
+    d = load_fixture('net-edm-ddpmpp-cond-aug')
+    net, _ = build_net(d)
+    kinds = lambda: dict(attention=any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock'),
+                         pool=any(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d'),
+                         norm=any(m.channels_last_stats for m in net.modules() if type(m).__name__ == 'GroupNorm'))
+    networks.set_fast_paths(net)
+    assert kinds() == dict(attention=True, pool=True, norm=True)
+    networks.set_fast_paths(net, False, ops=['norm'])
+    assert kinds() == dict(attention=True, pool=True, norm=False)
+    networks.set_fast_paths(net, False, ops=['attention', 'pool'])
+    assert kinds() == dict(attention=False, pool=False, norm=False)
+    with pytest.raises(ValueError, match='unknown fast operations'):
+        networks.set_fast_paths(net, ops=['conv'])
+
 def test_pooled_resampling_equals_depthwise_convolution():
     for up in [False, True]:
         conv = networks.Conv2d(in_channels=8, out_channels=8, kernel=0, up=up, down=not up)

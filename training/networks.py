@@ -295,19 +295,25 @@ def set_attention_impl(net, impl):
             count += 1
     return count
 
-def set_fast_paths(net, enabled=True):
-    """Switch every block of `net` between the faithful operations and the
-    fast ones, which compute the same function: SDPA attention, average
-    pooling / nearest upsampling for the [1,1] resampling filter in place of
-    depthwise (transposed) convolutions, and group statistics taken in place
-    on channels-last inputs. Returns the number of modules changed."""
-    count = set_attention_impl(net, 'sdpa' if enabled else 'reference')
+FAST_OPS = ('attention', 'pool', 'norm') # The operations set_fast_paths switches.
+
+def set_fast_paths(net, enabled=True, ops=FAST_OPS):
+    """Switch the blocks of `net` between the faithful operations and the
+    fast ones, which compute the same function: SDPA attention ('attention'),
+    average pooling / nearest upsampling for the [1,1] resampling filter in
+    place of depthwise (transposed) convolutions ('pool'), and group
+    statistics taken in place on channels-last inputs ('norm'). `ops` limits
+    the switch to some of them. Returns the number of modules changed."""
+    unknown = set(ops) - set(FAST_OPS)
+    if unknown:
+        raise ValueError(f'unknown fast operations {sorted(unknown)}: expected some of {", ".join(FAST_OPS)}')
+    count = set_attention_impl(net, 'sdpa' if enabled else 'reference') if 'attention' in ops else 0
     box = torch.full([1, 1, 2, 2], 0.25)
     for module in net.modules():
-        if type(module).__name__ == 'GroupNorm' and hasattr(module, 'channels_last_stats'):
+        if 'norm' in ops and type(module).__name__ == 'GroupNorm' and hasattr(module, 'channels_last_stats'):
             module.channels_last_stats = bool(enabled)
             count += 1
-        if type(module).__name__ == 'Conv2d' and hasattr(module, 'pool_resample'):
+        if 'pool' in ops and type(module).__name__ == 'Conv2d' and hasattr(module, 'pool_resample'):
             f = module.resample_filter
             is_box = f is not None and f.shape == box.shape and torch.equal(f.detach().cpu().float(), box)
             module.pool_resample = bool(enabled and is_box and not module.fused_resample)
