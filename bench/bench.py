@@ -238,21 +238,23 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
 #----------------------------------------------------------------------------
 
 def _profile(fn, sync, device, path):
-    """Write the operations of one more run of `fn`, most device time first, as a text table."""
+    """Write the operations of one more run of `fn`, most device time first, as text tables:
+    by name, then by name and input shapes (which shows the tensors that copies move)."""
     from torch.profiler import ProfilerActivity, profile # pylint: disable=import-outside-toplevel
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         fn()
         sync()
-    events = prof.key_averages()
-    for sort_by in (['self_device_time_total', 'self_cuda_time_total'] if device.type == 'cuda' else []) + ['self_cpu_time_total']:
-        try:
-            table = events.table(sort_by=sort_by, row_limit=50)
-            break
-        except (AttributeError, KeyError, ValueError):
-            continue
+    def table(events, row_limit):
+        for sort_by in (['self_device_time_total', 'self_cuda_time_total'] if device.type == 'cuda' else []) + ['self_cpu_time_total']:
+            try:
+                return events.table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=100)
+            except (AttributeError, KeyError, ValueError, TypeError):
+                continue
+        return ''
     with open(path, 'w') as f:
-        f.write(table + '\n')
+        f.write(table(prof.key_averages(), 60) + '\n')
+        f.write('\nBy input shapes:\n' + table(prof.key_averages(group_by_input_shape=True), 40) + '\n')
 
 def _run_worker(root, config, mode, device, what, steps, iters, timeout, batch=None, save_images=None, inductor='', profile_dir=None, slow_ops=''):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--root={root}', f'--configs={config}',
