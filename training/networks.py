@@ -129,6 +129,8 @@ class Conv2d(torch.nn.Module):
 
 @persistence.persistent_class
 class GroupNorm(torch.nn.Module):
+    channels_last_stats = False # Channels-last inputs: statistics over NHWC groups (see set_fast_paths).
+
     def __init__(self,
         num_channels,                   # Number of channels.
         num_groups      = 32,           # Maximum number of groups.
@@ -140,8 +142,6 @@ class GroupNorm(torch.nn.Module):
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
-
-    channels_last_stats = False # Channels-last inputs: statistics over NHWC groups (see set_fast_paths).
 
     def forward(self, x):
         if self.channels_last_stats and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -198,7 +198,7 @@ class AttentionOp(torch.autograd.Function):
 def attention(q, k, v, use_sdpa=False):
     """Multi-head attention on [N*heads, C, L] tensors; returns a[n, c, i]."""
     if use_sdpa:
-        # [N*heads, 1, L, C] with contiguous channels: the fused kernels' layout (others fall back to float32 math).
+        # [N*heads, 1, L, C] with contiguous channels, as the fused kernels need (otherwise SDPA runs float32 math).
         q, k, v = (t.transpose(1, 2).unsqueeze(1).contiguous() for t in (q, k, v.to(q.dtype)))
         with _autocast_off(q.device):
             a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
