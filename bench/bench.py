@@ -136,7 +136,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'))
             if slow_ops: # before the first call, which compiles
                 from training import networks
-                networks.set_fast_paths(getattr(sampler_net.net, '_orig_mod', sampler_net.net), False, ops=slow_ops.split(','))
+                networks.set_fast_paths(sampler_net.net, False, ops=slow_ops.split(',')) # a compiled wrapper holds the modules too
         else:
             if mode == 'tf32':
                 torch.backends.cuda.matmul.allow_tf32 = True

@@ -18,7 +18,6 @@ mkdir -p "$OUT" "$JSON_DIR"
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 PY=${PY:-python3}
-CIFAR="bench/bench.py --configs=cifar10-ddpmpp"
 C=--configs=cifar10-ddpmpp
 CDT=--inductor=coordinate_descent_tuning=true
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
@@ -36,16 +35,22 @@ json.dump(merged, open(sys.argv[2], 'w'), indent=1)
 EOF
 }
 
+# name, bench arguments: one fast-mode run in the background, for its compilation alone.
+compile_only() {
+    local name=$1; shift
+    timeout 240 $PY bench/bench.py $C --modes=fast --iters=1 "$@" > "/tmp/warm-$name.log" 2>&1 &
+}
+
 for part in "$@"; do
     case $part in
     warm)
         echo "== warm: compiling in parallel"
-        start=$SECONDS
-        timeout 240 $PY $CIFAR --what=sample --modes=fast --iters=1 > /tmp/warm-s256.log 2>&1 &
-        timeout 240 $PY $CIFAR --what=train --modes=fast --iters=1 > /tmp/warm-t.log 2>&1 &
-        timeout 240 $PY $CIFAR --what=train --modes=fast --iters=1 --slow-ops=norm > /tmp/warm-t-norm.log 2>&1 &
-        timeout 240 $PY $CIFAR --what=sample --modes=fast --iters=1 --slow-ops=norm > /tmp/warm-s256-norm.log 2>&1 &
-        timeout 240 $PY $CIFAR --what=sample --modes=fast --iters=1 --batch=512 > /tmp/warm-s512.log 2>&1 &
+        start=$SECONDS; rm -f /tmp/warm-*.log
+        compile_only s256 --what=sample
+        compile_only t --what=train
+        compile_only t-norm --what=train --slow-ops=norm
+        compile_only s256-norm --what=sample --slow-ops=norm
+        compile_only s512 --what=sample --batch=512
         wait
         echo "warm: $((SECONDS - start)) s"
         tail -n 3 /tmp/warm-*.log ;;
