@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU measurements, in priority order, each bounded in time; the log goes
 # to stdout, the merged JSON and the tables of operations to $OUT.
-#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [ab] [variants] [imagenet] [demo]
+#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [ab] [b512] [variants] [imagenet] [demo]
 # Parts:
 #   warm      compile the compiled measurements of sample/train/ab and the batch-512 one at once, in parallel
 #             processes, so that the measurements that follow load their kernels from the compiler cache
 #   sample    CIFAR-10 DDPM++ sampling, batch 256: fp32 (the default) and fast, with tables of operations
 #   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
 #   ab        the fast modes with the in-place group statistics off (--slow-ops=norm), against the rows above
-#   variants  fast sampling at batch 512; coordinate-descent tuning of the kernels for sampling and training
+#   b512      fast sampling at batch 512
+#   variants  coordinate-descent tuning of the kernels for sampling and training
 #   imagenet  ImageNet-64 ADM sampling, fp16 eager (the network's use_fp16 path)
 #   demo      generate.py end to end on the demo model: fp32 vs fp16 + CUDA graphs, PSNR over 512 images
 set -u
@@ -58,8 +59,8 @@ for part in "$@"; do
     train)    measure train-512 180 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$OUT" ;;
     ab)       measure train-512-no-norm 120 $C --what=train --modes=fast --iters=5 --slow-ops=norm
               measure sample-256-no-norm 120 $C --what=sample --modes=fast --slow-ops=norm ;;
-    variants) measure sample-512 120 $C --what=sample --modes=fast --batch=512
-              measure sample-256-cdt 200 $C --what=sample --modes=fast $CDT
+    b512)     measure sample-512 120 $C --what=sample --modes=fast --batch=512 ;;
+    variants) measure sample-256-cdt 200 $C --what=sample --modes=fast $CDT
               measure train-512-cdt 200 $C --what=train --modes=fast --iters=5 $CDT ;;
     imagenet) measure imagenet-64 120 --configs=imagenet-adm --what=sample --modes=fp16 --iters=2 ;;
     demo)     time timeout 200 $PY generate.py --network=demo/edm-digits-16x16-cond.pkl --outdir=/tmp/demo-fp32 --seeds=0-511 --batch=256 &&
