@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import run_script
+from training import augment
 from training.augment import AugmentPipe
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
@@ -226,6 +227,24 @@ def test_geometric_identity_on_non_square_images():
     untouched = (labels == 0).all(dim=1)
     assert untouched.any() and not untouched.all()
     assert (out[untouched] - images[untouched]).abs().max() < 1e-5
+
+
+def test_full_margin_padding_gives_the_same_images():
+    # The device path pads by the full margin rather than reading the needed one back; the samples must not change.
+    torch.manual_seed(3)
+    N, H, W = 16, 12, 20
+    images = torch.rand([N, 3, H, W]) * 2 - 1
+    G_inv = torch.eye(3).repeat(N, 1, 1)
+    theta = torch.rand([N]) * 2 * math.pi
+    s = torch.exp2(torch.randn([N]) * 0.3)
+    G_inv[:, 0, 0], G_inv[:, 0, 1] = torch.cos(theta) / s, -torch.sin(theta) / s
+    G_inv[:, 1, 0], G_inv[:, 1, 1] = torch.sin(theta) / s, torch.cos(theta) / s
+    G_inv[:, 0, 2], G_inv[:, 1, 2] = torch.randn([N]) * 2, torch.randn([N]) * 2
+    G_inv[:4] = torch.eye(3) # images needing a small margin next to ones that need the largest
+    needed = augment._affine_resample(images, G_inv, full_margin=False)
+    full = augment._affine_resample(images, G_inv, full_margin=True)
+    assert (needed[:4] - images[:4]).abs().max() < 1e-5
+    assert (full - needed).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize('device', DEVICES)

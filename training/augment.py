@@ -135,23 +135,29 @@ def _downsample2x(x):
 # that map output to input coordinates, both centred on the image centre
 # ((W - 1) / 2, (H - 1) / 2) in pixel units.
 
-def _affine_resample(images, G_inv):
+def _affine_resample(images, G_inv, full_margin=None):
     N, C, H, W = images.shape
     device = images.device
     cx, cy = (W - 1) / 2, (H - 1) / 2
+    if full_margin is None: # reading the needed margins back would wait for the device; on the CPU it costs nothing
+        full_margin = device.type != 'cpu'
 
     # Reflect-pad enough that every sample, with the support of the
     # upsampling filter and of bilinear interpolation, lies inside the image
     # (at most size - 1 pixels per side; samples beyond that read zeros).
-    ex, ey = cx + _PAD + 0.5, cy + _PAD + 0.5
-    corners = _matrix([-ex, -ey, 1], [ex, -ey, 1], [ex, ey, 1], [-ex, ey, 1], device=device) # [corner, xyz]
-    corners = (G_inv @ corners.t())[:, :2, :].permute(1, 0, 2).flatten(1) # [xy, N * corner]
-    support = _PAD + 1
-    margin = torch.cat([-corners, corners]).max(dim=1).values # [-x, -y, x, y] extremes
-    margin = margin + misc.constant([support - cx, support - cy] * 2, device=device)
-    margin = margin.ceil().clamp(min=0)
-    margin = torch.minimum(margin, misc.constant([W - 1, H - 1] * 2, device=device))
-    mx0, my0, mx1, my1 = [int(m) for m in margin.tolist()]
+    # The full margin gives the same samples from a larger padded image.
+    if full_margin:
+        mx0, my0, mx1, my1 = W - 1, H - 1, W - 1, H - 1
+    else:
+        ex, ey = cx + _PAD + 0.5, cy + _PAD + 0.5
+        corners = _matrix([-ex, -ey, 1], [ex, -ey, 1], [ex, ey, 1], [-ex, ey, 1], device=device) # [corner, xyz]
+        corners = (G_inv @ corners.t())[:, :2, :].permute(1, 0, 2).flatten(1) # [xy, N * corner]
+        support = _PAD + 1
+        margin = torch.cat([-corners, corners]).max(dim=1).values # [-x, -y, x, y] extremes
+        margin = margin + misc.constant([support - cx, support - cy] * 2, device=device)
+        margin = margin.ceil().clamp(min=0)
+        margin = torch.minimum(margin, misc.constant([W - 1, H - 1] * 2, device=device))
+        mx0, my0, mx1, my1 = [int(m) for m in margin.tolist()]
     images = torch.nn.functional.pad(images, [mx0, mx1, my0, my1], mode='reflect')
     Hp, Wp = images.shape[2:]
 
