@@ -78,7 +78,7 @@ def _set_inductor_options(text):
                 continue
         setattr(config, key, value)
 
-def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, save_images=None, inductor='', profile=None, slow_ops=''):
+def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, inductor='', slow_ops='', train_graphs=False, save_images=None, profile=None):
     sys.path.insert(0, root)
     import torch
     import dnnlib
@@ -189,7 +189,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         if mode == 'fast':
             net = net.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
-        run_net = torch.compile(net) if mode == 'fast' else net
+        run_net = torch.compile(net, mode=('reduce-overhead' if train_graphs else None)) if mode == 'fast' else net
         autocast_dtype = torch.bfloat16 if mode in ('bf16', 'fast') else None
         loss_fn = EDMLoss()
         opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
@@ -256,10 +256,12 @@ def _profile(fn, sync, device, path):
         f.write(table(prof.key_averages(), 60) + '\n')
         f.write('\nBy input shapes:\n' + table(prof.key_averages(group_by_input_shape=True), 40) + '\n')
 
-def _run_worker(root, config, mode, device, what, steps, iters, timeout, batch=None, save_images=None, inductor='', profile_dir=None, slow_ops=''):
+def _run_worker(root, config, mode, device, what, opts, timeout, save_images=None, profile_dir=None):
+    """One measurement in a subprocess; `opts` holds the worker's settings (steps, iters, batch, inductor, slow_ops, train_graphs)."""
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--root={root}', f'--configs={config}',
-           f'--modes={mode}', f'--device={device}', f'--what={what}', f'--steps={steps}', f'--iters={iters}',
-           f'--inductor={inductor}', f'--slow-ops={slow_ops}'] + ([f'--batch={batch}'] if batch else []) + ([f'--save-images={save_images}'] if save_images else [])
+           f'--modes={mode}', f'--device={device}', f'--what={what}', f'--worker-opts={json.dumps(opts)}']
+    if save_images:
+        cmd.append(f'--save-images={save_images}')
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)
         label = 'ours' if os.path.abspath(root) == ROOT else 'ref'
@@ -293,13 +295,15 @@ def _fmt(value, spec):
 @click.option('--batch', help='Batch size (default: the configuration\'s)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--inductor', help='torch._inductor.config settings for the fast mode, e.g. conv_1x1_as_mm=true', metavar='LIST', type=str, default='')
 @click.option('--slow-ops', help='Fast operations of set_fast_paths to leave off in our modes (attention,pool,norm), for A/B measurements', metavar='LIST', type=str, default='')
+@click.option('--train-graphs', help='Replay the compiled network of the fast training step as CUDA graphs (torch.compile mode reduce-overhead)', is_flag=True)
 @click.option('--profile-dir', help='Also profile one more run of each measurement; tables of operations go here', metavar='DIR', type=str, default=None)
 @click.option('--json', 'json_path', help='Also write the results here (rewritten after each measurement)', metavar='PATH', type=str, default=None)
 @click.option('--worker', is_flag=True, hidden=True)
+@click.option('--worker-opts', type=str, default=None, hidden=True)
 @click.option('--root', type=str, default=ROOT, hidden=True)
 @click.option('--save-images', type=str, default=None, hidden=True)
 @click.option('--profile', type=str, default=None, hidden=True)
-def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, slow_ops, profile_dir, json_path, worker, root, save_images, profile):
+def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, slow_ops, train_graphs, profile_dir, json_path, worker, worker_opts, root, save_images, profile):
     """Measure sampling and training speed; with --ref, print our/ref ratios.
 
     Sampled images are compared with this checkout's fp32 images of the same
@@ -322,7 +326,7 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
             raise click.ClickException(f'--modes: unknown mode {mode!r} (valid: {", ".join(MODES)})')
 
     if worker:
-        print(json.dumps(_worker(root, configs[0], modes[0], device, what, steps, iters, batch, save_images, inductor, profile, slow_ops)))
+        print(json.dumps(_worker(root, configs[0], modes[0], device, what, **json.loads(worker_opts), save_images=save_images, profile=profile)))
         return
 
     import numpy as np # pylint: disable=import-outside-toplevel
@@ -333,6 +337,7 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
         if op not in FAST_OPS:
             raise click.ClickException(f'--slow-ops: unknown operation {op!r} (valid: {", ".join(FAST_OPS)})')
     from psnr_dirs import psnr # pylint: disable=import-outside-toplevel
+    opts = dict(steps=steps, iters=iters, batch=batch, inductor=inductor, slow_ops=slow_ops, train_graphs=train_graphs)
     roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])
     whats = ['sample', 'train'] if what == 'both' else [what]
     modes = sorted(modes, key=lambda m: m != 'fp32') # fp32 first: the other modes' images are compared with it
@@ -344,7 +349,7 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
                     row = dict(config=config, what=w, mode=mode)
                     for label, path in roots:
                         images = os.path.join(image_dir, f'{config}-{mode}-{label}.npy') if w == 'sample' else None
-                        row[label] = _run_worker(path, config, mode, device, w, steps, iters, timeout, batch, images, inductor, profile_dir, slow_ops)
+                        row[label] = _run_worker(path, config, mode, device, w, opts, timeout, images, profile_dir)
                         baseline = os.path.join(image_dir, f'{config}-fp32-ours.npy')
                         if images and os.path.isfile(images) and os.path.isfile(baseline):
                             row[label]['psnr_vs_fp32'] = psnr(np.load(images), np.load(baseline))
