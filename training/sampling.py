@@ -68,13 +68,15 @@ def edm_sampler(
     t_steps = net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
+    t_host = t_steps.tolist() # read back once, so that the churn window test never waits for the device
+
     # Main sampling loop.
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
         x_cur = x_next
 
         # Increase noise temporarily; randn_like is drawn even when gamma = 0 to keep the noise stream per seed.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_host[i] <= S_max else 0
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
 
@@ -180,6 +182,8 @@ def ablation_sampler(
     t_steps = sigma_inv(net.round_sigma(sigma_steps))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
 
+    sigma_host = sigma(t_steps).tolist() # read back once, so that the churn window test never waits for the device
+
     # Main sampling loop.
     t_next = t_steps[0]
     x_next = latents.to(torch.float64) * (sigma(t_next) * s(t_next))
@@ -187,7 +191,7 @@ def ablation_sampler(
         x_cur = x_next
 
         # Increase noise temporarily; randn_like is drawn even when gamma = 0 to keep the noise stream per seed.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0
+        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma_host[i] <= S_max else 0
         t_hat = sigma_inv(net.round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
         x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
 
