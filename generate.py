@@ -2,6 +2,7 @@
 the EDM sampler or the generalised ablation sampler, on one or many
 processes (`torchrun`)."""
 
+import concurrent.futures
 import math
 import os
 import time
@@ -166,11 +167,25 @@ def sample_batches(net, seeds, device, class_idx=None, max_batch_size=64, progre
         images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
         yield batch_seeds, images_to_uint8(images[:batch_size])
 
+def _save_images(images, paths):
+    for image, path in zip(images, paths):
+        try:
+            save_image(image, path)
+        except OSError as err: # name the image, not its temporary file
+            err.filename, err.filename2 = path, None
+            raise
+
 def generate_images(net, seeds, outdir, device, subdirs=False, class_idx=None, max_batch_size=64, **sampler_kwargs):
-    """Write this rank's images as outdir/{seed:06d}.png (see sample_batches)."""
-    for batch_seeds, images in sample_batches(net, seeds, device, class_idx=class_idx, max_batch_size=max_batch_size, progress=True, **sampler_kwargs):
-        for seed, image in zip(batch_seeds, images):
-            save_image(image, image_path(outdir, seed, subdirs))
+    """Write this rank's images as outdir/{seed:06d}.png (see sample_batches). A thread writes
+    each batch while the next one samples; at most one batch waits, and its errors surface here."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for batch_seeds, images in sample_batches(net, seeds, device, class_idx=class_idx, max_batch_size=max_batch_size, progress=True, **sampler_kwargs):
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_save_images, images, [image_path(outdir, seed, subdirs) for seed in batch_seeds])
+        if pending is not None:
+            pending.result()
 
 #----------------------------------------------------------------------------
 
@@ -264,6 +279,8 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
         generate_images(net, seeds, outdir, device, subdirs=subdirs, class_idx=class_idx, max_batch_size=max_batch_size, **sampler_kwargs)
     except ValueError as err:
         raise click.ClickException(str(err))
+    except OSError as err:
+        raise click.ClickException(f'cannot write {err.filename}: {err.strerror}')
     dist.barrier()
     elapsed = max(time.time() - start_time, 1e-6)
 

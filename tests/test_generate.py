@@ -206,6 +206,19 @@ def test_clear_error_in_a_real_process(pkls, tmp_path):
     assert 'Traceback' not in res.stderr and res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert f'--class={LABEL_DIM + 5}' in res.stderr
 
+def test_write_failure_names_the_file_and_keeps_written_images(pkls, tmp_path):
+    # Images are written by a thread while the next batch samples; its errors must still stop the run, cleanly.
+    outdir = tmp_path / 'out'
+    (outdir / '000005.png').mkdir(parents=True)
+    (outdir / '000005.png' / 'keep').write_text('occupied')
+    res = invoke(f'--network={pkls["cond"]}', f'--outdir={outdir}', '--seeds=0-11', '--batch=4', *FAST)
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), f'uncaught {res.exception!r}'
+    last = res.stderr.strip().splitlines()[-1] # after the progress bar
+    assert last.startswith('Error: cannot write ') and last.endswith('000005.png: Is a directory'), res.stderr
+    assert 'Traceback' not in res.stderr
+    assert sorted(os.listdir(outdir)) == [f'{seed:06d}.png' for seed in range(6)] # images 0-4 and the occupied name; no temporary files
+
+
 def test_example_names_unreachable_url(tmp_path):
     root = f'http://127.0.0.1:{free_port()}/edm/pretrained'
     res = run_script(['example.py', f'--model-root={root}', '--device=cpu', f'--outdir={tmp_path}'], check=False,
