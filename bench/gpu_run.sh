@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements, in priority order, each bounded in time; the log goes
 # to stdout, the merged JSON and the tables of operations to $OUT.
-#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [graphs] [b512] [ab] [variants] [imagenet] [demo]
+#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [graphs] [b512] [block] [ab] [variants] [imagenet] [demo]
 # Parts:
 #   warm      compile the compiled measurements of sample, train, graphs and b512 at once, in parallel
 #             processes, so that the measurements that follow load their kernels from the compiler cache
 #   sample    CIFAR-10 DDPM++ sampling, batch 256: fp32 (the default) and fast, with tables of operations
 #   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
 #   graphs    CIFAR-10 DDPM++ training, batch 512, fast with the compiled network replayed as CUDA graphs
+#   block     two 32x32 decoder blocks alone, in variants (bench_block.py); their generated code and kernels to $OUT/block
 #   ab        the fast modes with the in-place group statistics off (--slow-ops=norm), against the rows above
 #   b512      fast sampling at batch 512
 #   variants  coordinate-descent tuning of the kernels for sampling and training
@@ -58,6 +59,7 @@ for part in "$@"; do
     sample)   measure sample-256 180 $C --what=sample --modes=fp32,fast --profile-dir="$OUT" ;;
     train)    measure train-512 180 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$OUT" ;;
     graphs)   measure train-512-graphs 180 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$OUT/graphs" ;;
+    block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$OUT/block" ;;
     ab)       measure train-512-no-norm 120 $C --what=train --modes=fast --iters=5 --slow-ops=norm
               measure sample-256-no-norm 120 $C --what=sample --modes=fast --slow-ops=norm ;;
     b512)     measure sample-512 120 $C --what=sample --modes=fast --batch=512 ;;

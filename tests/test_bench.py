@@ -19,3 +19,13 @@ def test_bench_quick_runs_and_prints_figures(tmp_path):
     psnr = results[1]['ours']['psnr_vs_fp32']
     assert 20 < psnr < 80, psnr # bf16 changes the images, but only slightly
     assert all(r['ours']['gflop'] > 0 and r['ours']['params'] == results[0]['ours']['params'] for r in results)
+
+
+def test_block_variants_compute_the_same_function():
+    res = run_script(['bench/bench_block.py', '--device=cpu', '--batch=2', '--eager', '--iters=1'])
+    lines = [line for line in res.stdout.splitlines() if re.match(r'(base|split|split-skip) ', line)]
+    assert [line.split()[0] for line in lines] == ['base', 'split', 'split-skip'], res.stdout
+    for line in lines:
+        in_float32 = float(re.search(r'in float32 ([0-9.e+-]+)', line).group(1))
+        in_bf16 = float(re.search(r'error vs float32 base ([0-9.e+-]+)', line).group(1))
+        assert in_float32 <= 1e-5 and 0 < in_bf16 < 0.05, line

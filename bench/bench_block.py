@@ -1,0 +1,159 @@
+"""Time two 32x32 decoder blocks of CIFAR-10 DDPM++ (each takes the previous
+output concatenated with a skip: 512 channels) the way the fast sampling mode
+runs them (fp16 autocast, channels-last, torch.compile with CUDA graphs), in
+variants that compute the same function, and keep inductor's generated code
+of each, so that a slow kernel can be read and its alternatives timed in
+seconds of compilation rather than minutes.
+
+    python bench/bench_block.py [--batch=256] [--variants=base,split,split-skip] [--code-dir=DIR]
+    python bench/bench_block.py --device=cpu --batch=2 --eager      # numerics only
+
+Variants:
+  base        UNetBlock as the network runs it: norm0 and the 1x1 skip
+              convolution both read the concatenation.
+  split       norm0 of the concatenation taken as two group norms, one per
+              half (the groups do not straddle the halves), concatenated
+              after the normalisation.
+  split-skip  also the 1x1 skip convolution as the sum of two, one per half,
+              so that the concatenation is never formed.
+"""
+
+import os
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from training import networks # pylint: disable=wrong-import-position
+
+VARIANTS = ('base', 'split', 'split-skip')
+
+#----------------------------------------------------------------------------
+
+def make_blocks(device):
+    """Two decoder blocks 512 -> 256 channels with SongUNet's DDPM++ settings; the
+    layers initialised near zero are redrawn at unit gain so that they shape the output."""
+    kwargs = dict(emb_channels=512, num_heads=1, dropout=0.13, skip_scale=np.sqrt(0.5), eps=1e-6, resample_filter=[1, 1],
+                  resample_proj=True, adaptive_scale=False, init=dict(init_mode='xavier_uniform'),
+                  init_zero=dict(init_mode='xavier_uniform', init_weight=1e-5))
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([networks.UNetBlock(in_channels=512, out_channels=256, **kwargs) for _ in range(2)])
+    with torch.no_grad():
+        for param in blocks.parameters():
+            if param.ndim > 1 and param.abs().max() < 1e-3:
+                param.normal_(0, param[0].numel() ** -0.5)
+    networks.set_fast_paths(blocks)
+    return blocks.eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)
+
+def block_split(block, x, skip, emb, split_skip):
+    """UNetBlock.forward (adaptive_scale=False, no attention) on cat([x, skip]) without normalising the concatenation."""
+    c = x.shape[1]
+    norm0 = block.norm0
+    groups_x = norm0.num_groups * c // (c + skip.shape[1]) # whole groups: checked by the caller
+    h = torch.cat([networks.group_norm_nhwc(x, groups_x, norm0.weight[:c], norm0.bias[:c], norm0.eps),
+                   networks.group_norm_nhwc(skip, norm0.num_groups - groups_x, norm0.weight[c:], norm0.bias[c:], norm0.eps)], dim=1)
+    y = block.conv0(networks.silu(h))
+    params = block.affine(emb).unsqueeze(2).unsqueeze(3).to(y.dtype)
+    y = networks.silu(block.norm1(y.add_(params)))
+    y = block.conv1(y) # dropout is off in evaluation
+    if split_skip:
+        w = block.skip.weight.to(y.dtype)
+        s = torch.nn.functional.conv2d(x, w[:, :c]) + torch.nn.functional.conv2d(skip, w[:, c:])
+        y = y.add_(s.add_(block.skip.bias.to(y.dtype).reshape(1, -1, 1, 1)))
+    else:
+        y = y.add_(block.skip(torch.cat([x, skip], dim=1)))
+    return y * block.skip_scale
+
+def make_fn(blocks, variant):
+    def fn(x, skip1, skip2, emb):
+        for block, skip in zip(blocks, (skip1, skip2)):
+            if variant == 'base':
+                x = block(torch.cat([x, skip], dim=1), emb)
+            else:
+                x = block_split(block, x, skip, emb, split_skip=(variant == 'split-skip'))
+        return x
+    return fn
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--batch', help='Batch size', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--variants', help='Comma-separated: ' + ','.join(VARIANTS), metavar='LIST', type=str, default=','.join(VARIANTS), show_default=True)
+@click.option('--device', help='Device (default: CUDA when available)', metavar='STR', type=str, default=None)
+@click.option('--iters', help='Timed repetitions', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--eager', help='Do not compile (numerics only)', is_flag=True)
+@click.option('--code-dir', help='Write the generated code of each variant and their tables of kernels (kernels.txt) here', metavar='DIR', type=str, default=None)
+def main(batch, variants, device, iters, eager, code_dir):
+    """Time the decoder-block variants and check that they compute the same function."""
+    variants = variants.split(',')
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise click.ClickException(f'--variants: unknown variant {variant!r} (valid: {", ".join(VARIANTS)})')
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    is_cuda = device.type == 'cuda'
+    dtype = torch.float16 if is_cuda else torch.bfloat16 # as bench.py's fast mode
+    blocks = make_blocks(device)
+    assert blocks[0].norm0.num_groups * 256 % 512 == 0 # the halves hold whole groups
+
+    gen = torch.Generator(device).manual_seed(1)
+    inputs = [torch.randn([batch, 256, 32, 32], device=device, generator=gen).to(memory_format=torch.channels_last) for _ in range(3)]
+    emb = torch.randn([batch, 512], device=device, generator=gen)
+    with torch.no_grad():
+        expected = make_fn(blocks, 'base')(*inputs, emb).float() # float32, no autocast: the faithful values
+    half_inputs = [x.to(dtype) for x in inputs]
+    if code_dir:
+        os.makedirs(code_dir, exist_ok=True)
+        if os.path.isfile(os.path.join(code_dir, 'kernels.txt')):
+            os.remove(os.path.join(code_dir, 'kernels.txt'))
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+    print(f'device {torch.cuda.get_device_name(device) if is_cuda else "cpu"}, torch {torch.__version__}, batch {batch}, {dtype}', flush=True)
+
+    for variant in variants:
+        with torch.no_grad(): # the same function: float32 outputs within rounding of the base variant's
+            exact_err = (make_fn(blocks, variant)(*inputs, emb).float() - expected).abs().max().item() / expected.abs().max().item()
+        if exact_err > 1e-5:
+            raise click.ClickException(f'variant {variant} differs from base in float32 by {exact_err:.1e} of the largest output')
+        fn = make_fn(blocks, variant)
+        if not eager:
+            fn = torch.compile(fn, mode=('reduce-overhead' if is_cuda else None))
+        def run():
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+                return fn(*half_inputs, emb)
+        t0 = time.perf_counter()
+        if code_dir and not eager:
+            from torch._inductor.utils import run_and_get_code # pylint: disable=import-outside-toplevel
+            out, codes = run_and_get_code(run)
+            with open(os.path.join(code_dir, f'block-{variant}.py'), 'w') as f:
+                f.write('\n\n'.join(codes))
+        else:
+            out = run()
+        out = out.float().clone()
+        for _ in range(2): # CUDA graphs record on the second and later calls
+            run()
+        sync()
+        warmup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            run()
+        sync()
+        ms = (time.perf_counter() - t0) / iters * 1000
+        err = (out - expected).abs().max().item() / expected.abs().max().item()
+        print(f'{variant:10s} {ms:8.3f} ms per call  error vs float32 base {err:.1e}, in float32 {exact_err:.1e} (of the largest output)  warm-up {warmup:.0f} s', flush=True)
+        if code_dir and is_cuda:
+            from torch.profiler import ProfilerActivity, profile # pylint: disable=import-outside-toplevel
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run()
+                sync()
+            with open(os.path.join(code_dir, 'kernels.txt'), 'a') as f: # one file for all variants
+                f.write(f'\n== {variant}\n')
+                f.write(prof.key_averages().table(sort_by='self_device_time_total', row_limit=40, max_name_column_width=110))
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main() # pylint: disable=no-value-for-parameter
