@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, in priority order, each bounded in time; the log goes
-# to stdout, the merged JSON and the tables of operations to $OUT.
+# to stdout; $OUT gets the merged JSON (results.json) and, packed after each
+# part into one file (artifacts.tgz), the tables of operations and generated code.
 #   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [graphs] [b512] [block] [ab] [variants] [imagenet] [demo]
 # Parts:
 #   warm      compile the compiled measurements of sample, train, graphs and b512 at once, in parallel
@@ -8,7 +9,7 @@
 #   sample    CIFAR-10 DDPM++ sampling, batch 256: fp32 (the default) and fast, with tables of operations
 #   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
 #   graphs    CIFAR-10 DDPM++ training, batch 512, fast with the compiled network replayed as CUDA graphs
-#   block     two 32x32 decoder blocks alone, in variants (bench_block.py); their generated code and kernels to $OUT/block
+#   block     two 32x32 decoder blocks alone, in variants (bench_block.py), with their generated code and kernels
 #   ab        the fast modes with the in-place group statistics off (--slow-ops=norm), against the rows above
 #   b512      fast sampling at batch 512
 #   variants  coordinate-descent tuning of the kernels for sampling and training
@@ -17,7 +18,8 @@
 set -u
 OUT=${OUT:-/tmp/bench-out}
 JSON_DIR=/tmp/bench-json
-mkdir -p "$OUT" "$JSON_DIR"
+WORK=/tmp/bench-artifacts
+mkdir -p "$OUT" "$JSON_DIR" "$WORK"
 export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 PY=${PY:-python3}
@@ -44,6 +46,11 @@ compile_only() {
     timeout 240 $PY bench/bench.py $C --modes=fast --iters=1 "$@" > "/tmp/warm-$name.log" 2>&1 &
 }
 
+# Everything in $WORK as one file in $OUT, however many files the parts wrote.
+pack() {
+    tar -czf "$OUT/artifacts.tgz.tmp" -C "$WORK" . && mv "$OUT/artifacts.tgz.tmp" "$OUT/artifacts.tgz"
+}
+
 for part in "$@"; do
     case $part in
     warm)
@@ -56,10 +63,10 @@ for part in "$@"; do
         wait
         echo "warm: $((SECONDS - start)) s"
         tail -n 3 /tmp/warm-*.log ;;
-    sample)   measure sample-256 180 $C --what=sample --modes=fp32,fast --profile-dir="$OUT" ;;
-    train)    measure train-512 180 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$OUT" ;;
-    graphs)   measure train-512-graphs 180 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$OUT/graphs" ;;
-    block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$OUT/block" ;;
+    sample)   measure sample-256 180 $C --what=sample --modes=fp32,fast --profile-dir="$WORK" ;;
+    train)    measure train-512 180 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$WORK" ;;
+    graphs)   measure train-512-graphs 180 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$WORK/graphs" ;;
+    block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$WORK/block" ;;
     ab)       measure train-512-no-norm 120 $C --what=train --modes=fast --iters=5 --slow-ops=norm
               measure sample-256-no-norm 120 $C --what=sample --modes=fast --slow-ops=norm ;;
     b512)     measure sample-512 120 $C --what=sample --modes=fast --batch=512 ;;
@@ -70,4 +77,5 @@ for part in "$@"; do
               time timeout 300 $PY generate.py --network=demo/edm-digits-16x16-cond.pkl --outdir=/tmp/demo-fast --seeds=0-511 --batch=256 --precision=fp16 --compile &&
               $PY bench/psnr_dirs.py /tmp/demo-fp32 /tmp/demo-fast ;;
     esac
+    pack
 done
