@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from training import networks # pylint: disable=wrong-import-position
+from bench import _profile # pylint: disable=wrong-import-position
 
 VARIANTS = ('base', 'split', 'split-skip')
 
@@ -87,7 +88,7 @@ def make_fn(blocks, variant):
 @click.option('--device', help='Device (default: CUDA when available)', metavar='STR', type=str, default=None)
 @click.option('--iters', help='Timed repetitions', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--eager', help='Do not compile (numerics only)', is_flag=True)
-@click.option('--code-dir', help='Write the generated code of each variant and their tables of kernels (kernels.txt) here', metavar='DIR', type=str, default=None)
+@click.option('--code-dir', help='Write the generated code and the table of kernels of each variant here', metavar='DIR', type=str, default=None)
 def main(batch, variants, device, iters, eager, code_dir):
     """Time the decoder-block variants and check that they compute the same function."""
     variants = variants.split(',')
@@ -96,6 +97,12 @@ def main(batch, variants, device, iters, eager, code_dir):
             raise click.ClickException(f'--variants: unknown variant {variant!r} (valid: {", ".join(VARIANTS)})')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     is_cuda = device.type == 'cuda'
+    torch.backends.cudnn.allow_tf32 = False # the float32 comparison of the variants; the timed runs are fp16
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    if code_dir:
+        import torch._inductor.config as inductor_config # pylint: disable=import-outside-toplevel
+        inductor_config.fx_graph_cache = False # generate the code, to keep it
     dtype = torch.float16 if is_cuda else torch.bfloat16 # as bench.py's fast mode
     blocks = make_blocks(device)
     assert blocks[0].norm0.num_groups * 256 % 512 == 0 # the halves hold whole groups
@@ -108,15 +115,13 @@ def main(batch, variants, device, iters, eager, code_dir):
     half_inputs = [x.to(dtype) for x in inputs]
     if code_dir:
         os.makedirs(code_dir, exist_ok=True)
-        if os.path.isfile(os.path.join(code_dir, 'kernels.txt')):
-            os.remove(os.path.join(code_dir, 'kernels.txt'))
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
     print(f'device {torch.cuda.get_device_name(device) if is_cuda else "cpu"}, torch {torch.__version__}, batch {batch}, {dtype}', flush=True)
 
     for variant in variants:
         with torch.no_grad(): # the same function: float32 outputs within rounding of the base variant's
             exact_err = (make_fn(blocks, variant)(*inputs, emb).float() - expected).abs().max().item() / expected.abs().max().item()
-        if exact_err > 1e-5:
+        if exact_err > 1e-4:
             raise click.ClickException(f'variant {variant} differs from base in float32 by {exact_err:.1e} of the largest output')
         fn = make_fn(blocks, variant)
         if not eager:
@@ -144,14 +149,8 @@ def main(batch, variants, device, iters, eager, code_dir):
         ms = (time.perf_counter() - t0) / iters * 1000
         err = (out - expected).abs().max().item() / expected.abs().max().item()
         print(f'{variant:10s} {ms:8.3f} ms per call  error vs float32 base {err:.1e}, in float32 {exact_err:.1e} (of the largest output)  warm-up {warmup:.0f} s', flush=True)
-        if code_dir and is_cuda:
-            from torch.profiler import ProfilerActivity, profile # pylint: disable=import-outside-toplevel
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                run()
-                sync()
-            with open(os.path.join(code_dir, 'kernels.txt'), 'a') as f: # one file for all variants
-                f.write(f'\n== {variant}\n')
-                f.write(prof.key_averages().table(sort_by='self_device_time_total', row_limit=40, max_name_column_width=110))
+        if code_dir:
+            _profile(run, sync, device, os.path.join(code_dir, f'kernels-{variant}.txt'))
 
 #----------------------------------------------------------------------------
 
