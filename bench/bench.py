@@ -201,6 +201,8 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         labels = torch.eye(cfg['label_dim'], device=device)[torch.randint(cfg['label_dim'], [batch], device=device)]
         ema_beta = 0.999
         def step(): # one training step as the training loops do it, with the EMA update
+            if train_graphs and hasattr(torch.compiler, 'cudagraph_mark_step_begin'):
+                torch.compiler.cudagraph_mark_step_begin() # the previous step's graph outputs are free to reuse
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=(autocast_dtype is not None)):
                 loss = loss_fn(net=run_net, images=images, labels=labels)
