@@ -33,7 +33,7 @@ def load_detector(detector_url=DETECTOR_URL, device=None, verbose=True):
             detector = pickle.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f'feature detector not found: {detector_url}') from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, UnicodeDecodeError) as err:
+    except dnnlib.util.UNPICKLING_ERRORS as err:
         raise ValueError(f'{detector_url} is not a readable feature detector pickle ({type(err).__name__}: {err})') from None
     except OSError as err:
         if not dnnlib.util.is_url(detector_url):
@@ -67,15 +67,6 @@ def _rank_batches(items, max_batch_size):
     """This rank's non-empty batches of `items` (at most max_batch_size each, round-robin over ranks, as generate.py)."""
     batches = split_batches(items, max_batch_size, dist.get_rank(), dist.get_world_size())
     return [batch for batch in batches if len(batch) > 0]
-
-def _rank0_first(load):
-    """Call `load()` on rank 0 first (it downloads into the cache), then on the other ranks."""
-    if dist.get_rank() != 0:
-        dist.barrier()
-    result = load()
-    if dist.get_rank() == 0:
-        dist.barrier()
-    return result
 
 #----------------------------------------------------------------------------
 # Feature statistics, accumulated in float64 and summed over ranks.
@@ -156,7 +147,7 @@ def calculate_inception_stats(
         raise ValueError(f'found {len(dataset)} images in {image_path}, but {num_expected} were requested (--num)')
     if len(dataset) < 2:
         raise ValueError(f'found {len(dataset)} image(s) in {image_path}; FID statistics need at least 2')
-    detector = _rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0)))
+    detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0)))
 
     dist.print0(f'Calculating statistics for {len(dataset)} images...')
     batches = _rank_batches(list(range(len(dataset))), max_batch_size)
@@ -193,9 +184,9 @@ def calculate_inception_stats_for_network(
     if len(seeds) < 2:
         raise ValueError(f'{len(seeds)} seed(s) given; FID statistics need at least 2 images')
     dist.print0(f'Loading network from "{network_pkl}"...')
-    net = _rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0)))
+    net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0)))
     net = prepare_network(net, device, precision=precision, use_compile=use_compile)
-    detector = _rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0)))
+    detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0)))
 
     dist.print0(f'Calculating statistics for {len(seeds)} generated images...')
     image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
@@ -321,7 +312,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
     try:
         device = dist.init(device)
         dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
-        mu_ref, sigma_ref = _rank0_first(lambda: load_stats(ref_path, verbose=(dist.get_rank() == 0)))
+        mu_ref, sigma_ref = dist.rank0_first(lambda: load_stats(ref_path, verbose=(dist.get_rank() == 0)))
         common = dict(max_batch_size=max_batch_size, device=device, detector_url=detector_url, feature_dim=mu_ref.shape[0])
         if image_path is not None:
             mu, sigma = calculate_inception_stats(image_path, num_expected=num_expected, seed=seed,

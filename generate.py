@@ -251,16 +251,11 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err))
 
-    # Rank 0 loads the network first (and downloads it), the others after it.
-    if dist.get_rank() != 0:
-        dist.barrier()
     dist.print0(f'Loading network from "{network_pkl}"...')
     try:
-        net = load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0))
+        net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0)))
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))
-    if dist.get_rank() == 0:
-        dist.barrier()
 
     try:
         check_class(net, class_idx)

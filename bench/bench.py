@@ -78,6 +78,14 @@ def _set_inductor_options(text):
                 continue
         setattr(config, key, value)
 
+def redraw_small_weights(module):
+    """Redraw the weights initialised near zero at unit gain, so that every layer shapes the output."""
+    import torch # pylint: disable=import-outside-toplevel
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.ndim > 1 and param.abs().max() < 1e-3:
+                param.normal_(0, param[0].numel() ** -0.5)
+
 def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, inductor='', slow_ops='', train_graphs=False, save_images=None, profile=None):
     sys.path.insert(0, root)
     import torch
@@ -97,10 +105,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
     if mode == 'fp16' and (what == 'train' or not ours):
         net_kwargs['use_fp16'] = True # the reference's fp16 path (train.py --fp16=1)
     net = dnnlib.util.construct_class_by_name(**net_kwargs)
-    with torch.no_grad(): # redraw the layers initialised near zero at unit gain, so that the weights shape the images
-        for param in net.parameters():
-            if param.ndim > 1 and param.abs().max() < 1e-3:
-                param.normal_(0, param[0].numel() ** -0.5)
+    redraw_small_weights(net)
     net = net.to(device)
     num_params = sum(p.numel() for p in net.parameters())
 
@@ -169,7 +174,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             sync()
             seconds = (time.perf_counter() - t0) / iters
             if profile:
-                _profile(lambda: edm_sampler(sampler_net, latents, labels, num_steps=steps), sync, device, profile)
+                write_profile(lambda: edm_sampler(sampler_net, latents, labels, num_steps=steps), sync, device, profile)
         nfe = 2 * steps - 1
         result.update(batch=batch, nfe=nfe, images_per_sec=batch / seconds,
                       achieved_tflops=(gflop * nfe * batch / seconds / 1e3) if gflop else None)
@@ -229,7 +234,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         sync()
         seconds = (time.perf_counter() - t0) / iters
         if profile:
-            _profile(step, sync, device, profile)
+            write_profile(step, sync, device, profile)
         result.update(batch=batch, sec_per_kimg=seconds / batch * 1000,
                       achieved_tflops=(3 * gflop * batch / seconds / 1e3) if gflop else None)
 
@@ -239,7 +244,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
 
 #----------------------------------------------------------------------------
 
-def _profile(fn, sync, device, path):
+def write_profile(fn, sync, device, path):
     """Write the operations of one more run of `fn`, most device time first, as text tables:
     by name, then by name and input shapes (which shows the tensors that copies move)."""
     from torch.profiler import ProfilerActivity, profile # pylint: disable=import-outside-toplevel

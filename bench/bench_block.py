@@ -30,24 +30,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from training import networks # pylint: disable=wrong-import-position
-from bench import _profile # pylint: disable=wrong-import-position
+from bench import redraw_small_weights, write_profile # pylint: disable=wrong-import-position
 
 VARIANTS = ('base', 'split', 'split-skip')
 
 #----------------------------------------------------------------------------
 
 def make_blocks(device):
-    """Two decoder blocks 512 -> 256 channels with SongUNet's DDPM++ settings; the
-    layers initialised near zero are redrawn at unit gain so that they shape the output."""
+    """Two decoder blocks 512 -> 256 channels with SongUNet's DDPM++ settings, near-zero layers redrawn."""
     kwargs = dict(emb_channels=512, num_heads=1, dropout=0.13, skip_scale=np.sqrt(0.5), eps=1e-6, resample_filter=[1, 1],
                   resample_proj=True, adaptive_scale=False, init=dict(init_mode='xavier_uniform'),
                   init_zero=dict(init_mode='xavier_uniform', init_weight=1e-5))
     torch.manual_seed(0)
     blocks = torch.nn.ModuleList([networks.UNetBlock(in_channels=512, out_channels=256, **kwargs) for _ in range(2)])
-    with torch.no_grad():
-        for param in blocks.parameters():
-            if param.ndim > 1 and param.abs().max() < 1e-3:
-                param.normal_(0, param[0].numel() ** -0.5)
+    redraw_small_weights(blocks)
     networks.set_fast_paths(blocks)
     return blocks.eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)
 
@@ -150,7 +146,7 @@ def main(batch, variants, device, iters, eager, code_dir):
         err = (out - expected).abs().max().item() / expected.abs().max().item()
         print(f'{variant:10s} {ms:8.3f} ms per call  error vs float32 base {err:.1e}, in float32 {exact_err:.1e} (of the largest output)  warm-up {warmup:.0f} s', flush=True)
         if code_dir:
-            _profile(run, sync, device, os.path.join(code_dir, f'kernels-{variant}.txt'))
+            write_profile(run, sync, device, os.path.join(code_dir, f'kernels-{variant}.txt'))
 
 #----------------------------------------------------------------------------
 

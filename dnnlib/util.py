@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import inspect
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -184,6 +185,11 @@ def parse_int_list(s: Union[str, List[int]]) -> List[int]:
     if len(ranges) == 0:
         raise ValueError(f'empty list {s!r}')
     return ranges
+
+#----------------------------------------------------------------------------
+# What unpickling a damaged or foreign file raises (besides OSError).
+
+UNPICKLING_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError, UnicodeDecodeError)
 
 #----------------------------------------------------------------------------
 # Atomic file writes: never leave a truncated file behind.

@@ -75,6 +75,17 @@ def barrier():
 
 #----------------------------------------------------------------------------
 
+def rank0_first(load):
+    """Call `load()` on rank 0 first (it downloads into the cache), then on the other ranks."""
+    if get_rank() != 0:
+        barrier()
+    result = load()
+    if get_rank() == 0:
+        barrier()
+    return result
+
+#----------------------------------------------------------------------------
+
 def should_stop():
     return False
 

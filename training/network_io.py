@@ -21,7 +21,7 @@ def load_network_pkl(network_pkl, key='ema', verbose=True):
         raise ValueError(f'network pickle is a directory, not a file: {network_pkl}') from None
     except PermissionError:
         raise ValueError(f'network pickle is not readable: {network_pkl}') from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError, UnicodeDecodeError) as err:
+    except dnnlib.util.UNPICKLING_ERRORS as err:
         raise ValueError(f'{network_pkl} is not a readable network pickle ({type(err).__name__}: {err})') from None
     if not isinstance(data, dict) or key not in data:
         found = ', '.join(map(str, data.keys())) if isinstance(data, dict) else type(data).__name__

@@ -135,7 +135,7 @@ def load_state_dump(path):
             data = torch.load(f, map_location=torch.device('cpu'), weights_only=False)
     except FileNotFoundError:
         raise FileNotFoundError(f'training state not found: {path}') from None
-    except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError, ImportError) as err:
+    except (RuntimeError, *dnnlib.util.UNPICKLING_ERRORS) as err:
         raise ValueError(f'{path} is not a readable training state ({type(err).__name__}: {err})') from None
     if not isinstance(data, dict) or 'net' not in data or 'optimizer_state' not in data:
         raise ValueError(f'{path} is not a training state: it lacks the "net" and "optimizer_state" entries')
@@ -288,11 +288,7 @@ def training_loop(
     # Resume training from previous snapshot.
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        if rank != 0:
-            dist.barrier() # rank 0 goes first (downloads into the cache)
-        source = network_io.load_network_pkl(resume_pkl, verbose=(rank == 0))
-        if rank == 0:
-            dist.barrier() # other ranks follow
+        source = dist.rank0_first(lambda: network_io.load_network_pkl(resume_pkl, verbose=(rank == 0)))
         _copy_by_name(source, net, resume_pkl)
         _copy_by_name(source, ema, resume_pkl)
         del source
@@ -416,13 +412,14 @@ def training_loop(
                 rng_states = _gather_to_rank0(_get_rng_state(device))
                 if rank == 0:
                     # The data order's walk at the next image, replayed from the previous dump, so resuming needs no replay.
-                    sampler_state = dataset_sampler.state_at(sampler_idx + (cur_nimg - start_nimg), sampler_state)
+                    next_idx = sampler_idx + (cur_nimg - start_nimg) # next image of the data order
+                    sampler_state = dataset_sampler.state_at(next_idx, sampler_state)
                     state_path = os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt')
                     _write_torch(state_path, dict(
                         net=net, optimizer_state=optimizer.state_dict(), ema=ema,
                         cur_nimg=cur_nimg, cur_tick=(cur_tick if interrupted else cur_tick + 1),
                         tick_start_nimg=(tick_start_nimg if interrupted else cur_nimg),
-                        sampler_seed=sampler_seed, sampler_idx=sampler_idx + (cur_nimg - start_nimg), sampler_state=sampler_state, # next image of the data order
+                        sampler_seed=sampler_seed, sampler_idx=next_idx, sampler_state=sampler_state,
                         batch_size=batch_size, world_size=world_size, rng_states=rng_states,
                     ))
                 del rng_states
