@@ -29,6 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from torch_utils.misc import choose_device # pylint: disable=wrong-import-position
 from training import networks # pylint: disable=wrong-import-position
 from bench import redraw_small_weights, write_profile # pylint: disable=wrong-import-position
 
@@ -91,7 +92,7 @@ def main(batch, variants, device, iters, eager, code_dir):
     for variant in variants:
         if variant not in VARIANTS:
             raise click.ClickException(f'--variants: unknown variant {variant!r} (valid: {", ".join(VARIANTS)})')
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = choose_device(device)
     is_cuda = device.type == 'cuda'
     torch.backends.cudnn.allow_tf32 = False # the float32 comparison of the variants; the timed runs are fp16
     torch.backends.cuda.matmul.allow_tf32 = False
