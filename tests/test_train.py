@@ -201,6 +201,24 @@ def test_sigterm_then_resume_is_bit_identical(baseline, data, tmp_path):
     _, resumed = run_dirs(tmp_path)
     assert_same_training_state(os.path.join(resumed, 'training-state-000002.pt'), os.path.join(baseline['run_dir'], 'training-state-000002.pt'))
 
+def test_resume_in_place_keeps_whole_stats_lines(baseline, data, tmp_path):
+    # A run killed while appending to stats.jsonl leaves a partial last line; resuming into the same
+    # directory (--nosubdir) drops it and appends the new ticks after the complete ones.
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    with open(os.path.join(baseline['run_dir'], 'stats.jsonl')) as f:
+        old_lines = f.read().splitlines()
+    (run_dir / 'stats.jsonl').write_text('\n'.join(old_lines[:2]) + '\n' + old_lines[2][:25])
+    state_path = os.path.join(baseline['run_dir'], 'training-state-000001.pt')
+    run_script(train_args(run_dir, data['uncond'], '--duration=0.002', '--workers=0', '--nosubdir', f'--resume={state_path}'))
+    with open(run_dir / 'stats.jsonl') as f:
+        lines = f.read().splitlines()
+    assert lines[:2] == old_lines[:2]
+    resumed = [json.loads(line) for line in lines[2:]]
+    expected = json.loads(old_lines[2]) # the baseline's last tick, which the resumed run repeats
+    assert [(line['Progress/kimg'], line['Loss/loss']['num']) for line in resumed] == [(expected['Progress/kimg'], expected['Loss/loss']['num'])]
+    assert not glob.glob(str(run_dir / '.*'))
+
 def test_resume_from_a_reference_layout_state(baseline, data, tmp_path):
     # The reference release's training-state files hold only `net` and `optimizer_state`;
     # progress then comes from the file name and the EMA from the matching snapshot.

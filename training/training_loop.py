@@ -154,13 +154,24 @@ def _copy_by_name(src_module, dst_module, source_name):
                     + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else ''))
     misc.copy_params_and_buffers(src_module=src_module, dst_module=dst_module, require_all=False)
 
-def _write_pickle(path, data):
+def _write_file(path, dump, data):
+    """dump(data, file) into `path`, which appears only once complete."""
     with dnnlib.util.atomic_write(path, 'wb') as f:
-        pickle.dump(data, f)
+        dump(data, f)
 
-def _write_torch(path, data):
-    with dnnlib.util.atomic_write(path, 'wb') as f:
-        torch.save(data, f)
+def _trim_partial_line(path):
+    """Cut a text file back to its last complete line: an append cut short by a crash leaves a partial one."""
+    if os.path.isfile(path):
+        with open(path, 'rb+') as f:
+            data = f.read()
+            f.truncate(data.rfind(b'\n') + 1)
+
+def _append_line(path, line):
+    """Append one line to a text file and make it durable: one tick's statistics cost the same at any length of run."""
+    with open(path, 'at') as f:
+        f.write(line + '\n')
+        f.flush()
+        os.fsync(f.fileno())
 
 #----------------------------------------------------------------------------
 
@@ -318,11 +329,9 @@ def training_loop(
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
     dist.update_progress(cur_nimg // 1000, total_kimg)
-    stats_lines = []
     stats_path = os.path.join(run_dir, 'stats.jsonl') if rank == 0 and run_dir is not None else None
-    if stats_path is not None and os.path.isfile(stats_path):
-        with open(stats_path, 'rt') as f:
-            stats_lines = [line for line in f.read().splitlines() if line.strip()]
+    if stats_path is not None:
+        _trim_partial_line(stats_path)
     stop = _StopRequest()
     stop.install()
     try:
@@ -403,7 +412,7 @@ def training_loop(
                         data[key] = value.cpu()
                     del value # conserve memory
                 if rank == 0:
-                    _write_pickle(os.path.join(run_dir, f'network-snapshot-{cur_nimg//1000:06d}.pkl'), data)
+                    _write_file(os.path.join(run_dir, f'network-snapshot-{cur_nimg//1000:06d}.pkl'), pickle.dump, data)
                 del data # conserve memory
 
             # Save full dump of the training state: what the reference writes (net, optimizer_state)
@@ -415,7 +424,7 @@ def training_loop(
                     next_idx = sampler_idx + (cur_nimg - start_nimg) # next image of the data order
                     sampler_state = dataset_sampler.state_at(next_idx, sampler_state)
                     state_path = os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt')
-                    _write_torch(state_path, dict(
+                    _write_file(state_path, torch.save, dict(
                         net=net, optimizer_state=optimizer.state_dict(), ema=ema,
                         cur_nimg=cur_nimg, cur_tick=(cur_tick if interrupted else cur_tick + 1),
                         tick_start_nimg=(tick_start_nimg if interrupted else cur_nimg),
@@ -427,9 +436,7 @@ def training_loop(
             # Update logs.
             training_stats.default_collector.update()
             if stats_path is not None:
-                stats_lines.append(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())))
-                with dnnlib.util.atomic_write(stats_path, 'wt') as f:
-                    f.write('\n'.join(stats_lines) + '\n')
+                _append_line(stats_path, json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())))
             dist.update_progress(cur_nimg // 1000, total_kimg)
 
             # Update state.
