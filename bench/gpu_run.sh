@@ -2,7 +2,7 @@
 # The GPU measurements, in priority order, each bounded in time; the log goes
 # to stdout; $OUT gets the merged JSON (results.json) and, packed after each
 # part into one file (artifacts.tgz), the tables of operations and generated code.
-#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [graphs] [b512] [block] [ab] [variants] [imagenet] [demo]
+#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [graphs] [b512] [block] [ab] [cdt] [variants] [imagenet] [demo]
 # Parts:
 #   warm      compile the compiled measurements of sample, train, graphs and b512 at once, in parallel
 #             processes, so that the measurements that follow load their kernels from the compiler cache
@@ -12,6 +12,7 @@
 #   block     two 32x32 decoder blocks alone, in variants (bench_block.py), with their generated code and kernels
 #   ab        the fast modes with the in-place group statistics off (--slow-ops=norm), against the rows above
 #   b512      fast sampling at batch 512
+#   cdt       coordinate-descent tuning of the kernels for sampling (block sizes and warps of each Triton kernel)
 #   variants  coordinate-descent tuning of the kernels for sampling and training
 #   imagenet  ImageNet-64 ADM sampling, fp16 eager (the network's use_fp16 path)
 #   demo      generate.py end to end on the demo model: fp32 vs fp16 + CUDA graphs, PSNR over 512 images
@@ -70,6 +71,7 @@ for part in "$@"; do
     ab)       measure train-512-no-norm 120 $C --what=train --modes=fast --iters=5 --slow-ops=norm
               measure sample-256-no-norm 120 $C --what=sample --modes=fast --slow-ops=norm ;;
     b512)     measure sample-512 120 $C --what=sample --modes=fast --batch=512 ;;
+    cdt)      measure sample-256-cdt 200 $C --what=sample --modes=fast $CDT --profile-dir="$WORK/cdt" ;;
     variants) measure sample-256-cdt 200 $C --what=sample --modes=fast $CDT
               measure train-512-cdt 200 $C --what=train --modes=fast --iters=5 $CDT ;;
     imagenet) measure imagenet-64 120 --configs=imagenet-adm --what=sample --modes=fp16 --iters=2 ;;
