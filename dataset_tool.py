@@ -107,7 +107,7 @@ def open_image_folder(source_dir, *, max_images):
     if os.path.isfile(meta_fname):
         with open(meta_fname, 'rb') as f:
             labels = _parse_labels(f.read(), meta_fname)
-    else:
+    if not labels: # no dataset.json, or one without labels
         toplevel_names = {fname: fname.split('/')[0] if '/' in fname else '' for fname in fnames}
         toplevel_indices = {name: idx for idx, name in enumerate(sorted(set(toplevel_names.values())))}
         if len(toplevel_indices) > 1:

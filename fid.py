@@ -4,6 +4,7 @@ the FID of a set of images (or of a network's samples) against them."""
 import os
 import pickle
 import re
+import zipfile
 
 import click
 import numpy as np
@@ -53,7 +54,7 @@ def load_stats(stats_path, verbose=True):
             stats = dict(data) if isinstance(data, np.lib.npyio.NpzFile) else None
     except FileNotFoundError:
         raise FileNotFoundError(f'reference statistics not found: {stats_path}') from None
-    except (ValueError, EOFError) as err:
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f'{stats_path} is not a readable .npz file ({err})') from None
     if stats is None or 'mu' not in stats or 'sigma' not in stats:
         found = 'a single array' if stats is None else (', '.join(stats) or 'nothing')
@@ -147,6 +148,8 @@ def calculate_inception_stats(
         raise ValueError(f'found {len(dataset)} images in {image_path}, but {num_expected} were requested (--num)')
     if len(dataset) < 2:
         raise ValueError(f'found {len(dataset)} image(s) in {image_path}; FID statistics need at least 2')
+    if dataset.image_shape[0] not in (1, 3):
+        raise ValueError(f'the images in {image_path} have {dataset.image_shape[0]} channels; the detector takes RGB or grayscale images')
     detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0)))
 
     dist.print0(f'Calculating statistics for {len(dataset)} images...')
@@ -342,6 +345,8 @@ def ref(dataset_path, dest_path, max_batch_size, detector_url, device, num_worke
         device = dist.init(device)
         mu, sigma = calculate_inception_stats(dataset_path, max_batch_size=max_batch_size, num_workers=_default_workers(num_workers),
                                               device=device, detector_url=detector_url)
+        if not dest_path.endswith('.npz'):
+            dest_path += '.npz' # as np.savez names it
         dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
         if dist.get_rank() == 0:
             with dnnlib.util.atomic_write(dest_path) as f: # folders created as needed

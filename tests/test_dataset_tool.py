@@ -144,6 +144,11 @@ def test_folder_labels_from_top_level_folders(tmp_path):
     run_tool('--source', tmp_path / 'one', '--dest', tmp_path / 'one.zip')
     assert read_dataset(tmp_path / 'one.zip')[1] is None
 
+    # A dataset.json without labels: the folder names give them, as when it is absent.
+    (tmp_path / 'src' / 'dataset.json').write_text(json.dumps(dict(labels=None)))
+    run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'null.zip')
+    assert read_dataset(tmp_path / 'null.zip')[1] == labels
+
 def test_zip_source_with_dataset_json(tmp_path):
     rng = np.random.default_rng(3)
     sources = {f'img{i}.png': random_image(rng, 4, 4, channels=1) for i in range(3)}

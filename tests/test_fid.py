@@ -230,6 +230,29 @@ def test_error_reference_without_mu_and_sigma(setup, tmp_path):
     line = error_line(calc(setup, setup['image_dir'], tmp_path / 'bad.npz', '--num', 2, check=False))
     assert 'bad.npz' in line and 'mu and sigma' in line
 
+def test_error_damaged_reference(setup, tmp_path):
+    with open(setup['ref_npz'], 'rb') as f:
+        (tmp_path / 'cut.npz').write_bytes(f.read()[:300]) # a download cut short
+    line = error_line(calc(setup, setup['image_dir'], tmp_path / 'cut.npz', '--num', 2, check=False))
+    assert 'cut.npz' in line and 'not a readable .npz' in line
+
+def test_ref_adds_npz_suffix_as_np_savez(setup, tmp_path):
+    fid_cmd('ref', '--data', setup['image_dir'], '--dest', tmp_path / 'stats', '--detector', setup['detector_pkl'],
+            '--device', 'cpu', '--workers', 0, env=setup['env'])
+    assert os.listdir(tmp_path) == ['stats.npz']
+    with np.load(tmp_path / 'stats.npz') as made, np.load(setup['ref_npz']) as ref:
+        np.testing.assert_allclose(made['mu'], ref['mu'], rtol=1e-10)
+
+def test_error_images_with_alpha(setup, tmp_path):
+    folder = tmp_path / 'rgba'
+    folder.mkdir()
+    for i, image in enumerate(random_images(4, channels=4)):
+        PIL.Image.fromarray(image, 'RGBA').save(folder / f'img{i}.png')
+    res = fid_cmd('ref', '--data', folder, '--dest', tmp_path / 'x.npz', '--detector', setup['detector_pkl'],
+                  '--device', 'cpu', '--workers', 0, env=setup['env'], check=False)
+    line = error_line(res)
+    assert str(folder) in line and '4 channels' in line
+
 def test_error_reference_of_another_feature_size(setup, tmp_path):
     np.savez(tmp_path / 'dim10.npz', mu=np.zeros(10), sigma=np.eye(10))
     line = error_line(calc(setup, setup['image_dir'], tmp_path / 'dim10.npz', '--num', 2, check=False))
