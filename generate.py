@@ -281,7 +281,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
 
     # Rank 0 tiles all images, in seed order, into one grid.
     if grid is not None and dist.get_rank() == 0:
-        save_image_grid(np.stack([read_image(image_path(outdir, seed, subdirs)) for seed in seeds]), grid)
+        try:
+            save_image_grid(np.stack([read_image(image_path(outdir, seed, subdirs)) for seed in seeds]), grid)
+        except OSError as err:
+            raise click.ClickException(f'cannot write --grid {grid}: {err.strerror or err}')
     dist.barrier()
     dist.print0(f'Wrote {len(seeds)} images to "{outdir}"' + (f' and a grid to "{grid}"' if grid is not None else '') +
                 f' in {dnnlib.util.format_time(elapsed)} ({len(seeds) / elapsed:.2f} images/s).')

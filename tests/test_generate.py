@@ -36,9 +36,11 @@ def pkls(tmp_path_factory):
     gray = write_network_pkl(root / 'gray.pkl', make_tiny_net(img_channels=1, seed=1))
     with open(root / 'noema.pkl', 'wb') as f:
         pickle.dump(dict(loss_fn=None), f)
+    with open(root / 'notnet.pkl', 'wb') as f:
+        pickle.dump(dict(ema=5), f)
     with open(cond, 'rb') as f:
         (root / 'truncated.pkl').write_bytes(f.read()[:2000])
-    return dict(cond=cond, gray=gray, noema=str(root / 'noema.pkl'), truncated=str(root / 'truncated.pkl'))
+    return dict(cond=cond, gray=gray, noema=str(root / 'noema.pkl'), notnet=str(root / 'notnet.pkl'), truncated=str(root / 'truncated.pkl'))
 
 @pytest.fixture(scope='module')
 def reference_run(pkls, tmp_path_factory):
@@ -180,6 +182,9 @@ ERRORS = {
     'missing pickle':        (lambda p, d: [f'--network={d}/missing.pkl', f'--outdir={d}/out'], 'missing.pkl'),
     'truncated pickle':      (lambda p, d: [f'--network={p["truncated"]}', f'--outdir={d}/out'], 'truncated.pkl'),
     'pickle without ema':    (lambda p, d: [f'--network={p["noema"]}', f'--outdir={d}/out'], 'ema'),
+    'ema not a network':     (lambda p, d: [f'--network={p["notnet"]}', f'--outdir={d}/out'], 'holds a int, not a preconditioned network'),
+    'empty iddpm range':     (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--disc=iddpm', '--sigma_min=10', '--sigma_max=1'],
+                              'sigma_min=10 and sigma_max=1'),
     'class out of range':    (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', f'--class={LABEL_DIM}'], '--class'),
     'negative class':        (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--class=-1'], '--class'),
     'class for uncond net':  (lambda p, d: [f'--network={p["gray"]}', f'--outdir={d}/out', '--class=0'], 'unconditional'),
@@ -196,8 +201,9 @@ def test_clear_error(pkls, tmp_path, case):
     res = invoke(*make_args(pkls, tmp_path), '--device=cpu')
     assert res.exit_code != 0
     assert isinstance(res.exception, SystemExit), f'uncaught {res.exception!r}' # a ClickException, not a traceback
-    lines = res.stderr.strip().splitlines()
+    lines = [line for line in res.stderr.strip().splitlines() if '%|' not in line] # without the progress bar
     assert len(lines) == 1 and lines[0].startswith('Error: ') and expected in lines[0], res.stderr
+    assert 'Traceback' not in res.stderr
     assert not os.path.exists(tmp_path / 'out') or not os.listdir(tmp_path / 'out')
 
 def test_clear_error_in_a_real_process(pkls, tmp_path):
@@ -205,6 +211,18 @@ def test_clear_error_in_a_real_process(pkls, tmp_path):
     assert res.returncode != 0
     assert 'Traceback' not in res.stderr and res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert f'--class={LABEL_DIM + 5}' in res.stderr
+
+def test_unknown_device_names_the_option(pkls, tmp_path):
+    res = invoke(f'--network={pkls["cond"]}', f'--outdir={tmp_path}/out', '--device=bogus')
+    assert isinstance(res.exception, SystemExit) and res.exit_code != 0, f'uncaught {res.exception!r}'
+    assert res.stderr.strip().splitlines() == ['Error: --device=bogus is not a device name (such as cpu, cuda, cuda:1 or mps)']
+
+def test_grid_write_failure_names_the_grid(pkls, tmp_path):
+    grid = f'{pkls["cond"]}/grid.png' # under a file
+    res = invoke(f'--network={pkls["cond"]}', f'--outdir={tmp_path}/out', '--seeds=0-1', f'--grid={grid}', *FAST)
+    assert isinstance(res.exception, SystemExit) and res.exit_code != 0, f'uncaught {res.exception!r}'
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'Error: cannot write --grid {grid}: ') and 'Traceback' not in res.stderr, res.stderr
 
 def test_write_failure_names_the_file_and_keeps_written_images(pkls, tmp_path):
     # Images are written by a thread while the next batch samples; its errors must still stop the run, cleanly.

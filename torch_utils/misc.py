@@ -17,7 +17,10 @@ def choose_device(device=None):
     """`device` as a torch.device; None means CUDA when available, else the CPU."""
     if device is None or device == '':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f'--device={device} is not a device name (such as cpu, cuda, cuda:1 or mps)') from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'device {device} requested but CUDA is not available; use --device=cpu')
     if device.type == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):

@@ -2,7 +2,12 @@
 
 import pickle
 
+import torch
+
 import dnnlib
+
+# What the samplers, generate.py and fid.py use of a network: the preconditioners all have these.
+NETWORK_ATTRS = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
 
 #----------------------------------------------------------------------------
 
@@ -10,7 +15,8 @@ def load_network_pkl(network_pkl, key='ema', verbose=True):
     """Return `pickle.load(f)[key]` for a network pickle given as a path or URL.
 
     Raises ValueError (or IOError for failed downloads) with a one-line message
-    naming the file when it is missing, unreadable, not a pickle, or lacks `key`.
+    naming the file when it is missing, unreadable, not a pickle, lacks `key`, or holds
+    something other than a preconditioned network (a module with NETWORK_ATTRS).
     """
     try:
         with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
@@ -26,7 +32,12 @@ def load_network_pkl(network_pkl, key='ema', verbose=True):
     if not isinstance(data, dict) or key not in data:
         found = ', '.join(map(str, data.keys())) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f'{network_pkl} holds no {key!r} network (found: {found})')
-    return data[key]
+    net = data[key]
+    missing = [name for name in NETWORK_ATTRS if not hasattr(net, name)]
+    if not isinstance(net, torch.nn.Module) or missing:
+        raise ValueError(f'{network_pkl}: {key!r} holds a {type(net).__name__}, not a preconditioned network'
+                         + (f' (it lacks {", ".join(missing)})' if missing else ''))
+    return net
 
 #----------------------------------------------------------------------------
 

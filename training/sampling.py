@@ -148,6 +148,8 @@ def ablation_sampler(
     elif discretization == 'iddpm':
         u = iddpm_sigma_table(M, C_1, C_2, device=device)
         u_filtered = u[torch.logical_and(u >= sigma_min, u <= sigma_max)]
+        if len(u_filtered) == 0:
+            raise ValueError(f'no noise level of the iDDPM discretization lies between sigma_min={sigma_min:g} and sigma_max={sigma_max:g}')
         step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
         sigma_steps = u_filtered[((len(u_filtered) - 1) / max(num_steps - 1, 1) * step_indices).round().to(torch.int64)]
     else:
