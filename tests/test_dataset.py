@@ -56,6 +56,24 @@ def test_zip_and_folder_load_identically(converted):
                 assert dataset.get_details(i).raw_label == converted['labels'][i]
             dataset.close()
 
+@pytest.mark.parametrize('mode', ['P', 'P+transparency', 'L', 'LA', 'RGBA'])
+def test_png_decoders_agree(tmp_path, mode):
+    # pyspng (when installed) and Pillow give the same arrays for every kind of 8-bit PNG.
+    rng = np.random.default_rng(5)
+    folder = tmp_path / 'src'
+    folder.mkdir()
+    for i in range(2):
+        rgba = rng.integers(0, 256, size=[8, 8, 4], dtype=np.uint8)
+        if mode.startswith('P'):
+            img = PIL.Image.fromarray(rgba[:, :, :3]).quantize(colors=256) # an 8-bit palette
+            img.save(folder / f'{i}.png', **({'transparency': 0} if mode == 'P+transparency' else {}))
+        else:
+            PIL.Image.fromarray({'L': rgba[:, :, 0], 'LA': rgba[:, :, :2], 'RGBA': rgba}[mode], mode).save(folder / f'{i}.png')
+    fast, plain = (ImageFolderDataset(str(folder), use_pyspng=flag) for flag in (True, False))
+    assert fast.image_shape == plain.image_shape == [{'P': 3, 'P+transparency': 4, 'L': 1, 'LA': 2, 'RGBA': 4}[mode], 8, 8]
+    for (a, _), (b, _) in zip(items(fast), items(plain)):
+        np.testing.assert_array_equal(a, b)
+
 def test_without_labels(converted):
     dataset = ImageFolderDataset(converted['zip'], resolution=8)
     assert dataset.label_shape == [0] and dataset.label_dim == 0

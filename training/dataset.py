@@ -175,7 +175,9 @@ def _file_ext(fname):
 
 def _decode_image(data, ext, use_pyspng):
     """Decode image file bytes into an HWC or HW uint8 array."""
-    if use_pyspng and pyspng is not None and ext == '.png' and len(data) > 24 and data[24] == 8: # 8-bit PNG
+    # pyspng for 8-bit gray, RGB and RGBA PNGs (bit depth at byte 24, colour type at 25); palettes and gray + alpha
+    # decode through Pillow, which expands transparent palettes to RGBA.
+    if use_pyspng and pyspng is not None and ext == '.png' and len(data) > 25 and data[24] == 8 and data[25] in (0, 2, 6):
         return pyspng.load(data)
     with PIL.Image.open(io.BytesIO(data)) as img:
         if img.mode == 'P':
