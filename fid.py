@@ -115,9 +115,8 @@ def accumulate_stats(detector, batches, image_shape, num_batches=None, device=No
             sum_f += features.sum(0)
             sum_ff += features.T @ features
             count += features.shape[0]
-        if dist.get_world_size() > 1:
-            for tensor in (sum_f, sum_ff, count):
-                torch.distributed.all_reduce(tensor)
+        for tensor in (sum_f, sum_ff, count):
+            dist.all_reduce_sum(tensor)
     n = count.item()
     if n < 2:
         raise ValueError(f'FID statistics need at least 2 images, got {int(n)}')
@@ -327,9 +326,9 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
         if dist.get_rank() == 0:
             fid = calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref)
             print(f'{fid:g}', flush=True)
+        _finish()
     except (ValueError, OSError) as err:
         raise click.ClickException(_one_line(err)) from None
-    _finish()
 
 #----------------------------------------------------------------------------
 
@@ -351,9 +350,9 @@ def ref(dataset_path, dest_path, max_batch_size, detector_url, device, num_worke
         if dist.get_rank() == 0:
             with dnnlib.util.atomic_write(dest_path) as f: # folders created as needed
                 np.savez(f, mu=mu, sigma=sigma)
+        _finish()
     except (ValueError, OSError) as err:
         raise click.ClickException(_one_line(err)) from None
-    _finish()
 
 #----------------------------------------------------------------------------
 

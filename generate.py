@@ -187,6 +187,13 @@ def generate_images(net, seeds, outdir, device, subdirs=False, class_idx=None, m
         if pending is not None:
             pending.result()
 
+def _barrier():
+    """Wait for the other ranks; if one of them failed, stop with one line (it prints the cause)."""
+    try:
+        dist.barrier()
+    except dist.PeerError as err:
+        raise click.ClickException(str(err))
+
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -276,7 +283,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
         raise click.ClickException(str(err))
     except OSError as err:
         raise click.ClickException(f'cannot write {err.filename}: {err.strerror}')
-    dist.barrier()
+    _barrier()
     elapsed = max(time.time() - start_time, 1e-6)
 
     # Rank 0 tiles all images, in seed order, into one grid.
@@ -285,7 +292,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
             save_image_grid(np.stack([read_image(image_path(outdir, seed, subdirs)) for seed in seeds]), grid)
         except OSError as err:
             raise click.ClickException(f'cannot write --grid {grid}: {err.strerror or err}')
-    dist.barrier()
+    _barrier()
     dist.print0(f'Wrote {len(seeds)} images to "{outdir}"' + (f' and a grid to "{grid}"' if grid is not None else '') +
                 f' in {dnnlib.util.format_time(elapsed)} ({len(seeds) / elapsed:.2f} images/s).')
     dist.finish()

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from conftest import free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
+from conftest import ROOT, free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
 
 SEEDS = '0-4,1000'
 SEED_LIST = [0, 1, 2, 3, 4, 1000]
@@ -236,6 +236,17 @@ def test_write_failure_names_the_file_and_keeps_written_images(pkls, tmp_path):
     assert 'Traceback' not in res.stderr
     assert sorted(os.listdir(outdir)) == [f'{seed:06d}.png' for seed in range(6)] # images 0-4 and the occupied name; no temporary files
 
+
+def test_failure_on_one_rank_stops_every_rank_cleanly(pkls, tmp_path):
+    # Rank 1 cannot write seed 1's image; rank 0, waiting for it, stops too, and neither prints a traceback
+    # (torchrun's launcher prints its own when a process fails).
+    (tmp_path / '000001.png').mkdir()
+    res = run_torchrun(['generate.py', f'--network={pkls["cond"]}', f'--outdir={tmp_path}', '--seeds=0-3', '--batch=1', *FAST],
+                       nproc=2, check=False)
+    assert res.returncode != 0 and f'File "{ROOT}' not in res.stderr, res.stderr
+    errors = sorted(line for line in res.stderr.splitlines() if line.startswith('Error: '))
+    assert errors == ['Error: another process of this run stopped, so rank 0 stops too; its error says why',
+                      f'Error: cannot write {tmp_path / "000001.png"}: Is a directory'], res.stderr
 
 def test_example_names_unreachable_url(tmp_path):
     root = f'http://127.0.0.1:{free_port()}/edm/pretrained'

@@ -69,9 +69,23 @@ def get_world_size():
 
 #----------------------------------------------------------------------------
 
+class PeerError(ConnectionError):
+    """A collective failed because another process of the run stopped; that process reports why."""
+
+def _collective(op, *args):
+    try:
+        op(*args)
+    except RuntimeError as err: # gloo: the peer closed its connection
+        raise PeerError(f'another process of this run stopped, so rank {get_rank()} stops too; its error says why') from err
+
 def barrier():
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        _collective(torch.distributed.barrier)
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` in place over all ranks."""
+    if torch.distributed.is_initialized():
+        _collective(torch.distributed.all_reduce, tensor)
 
 #----------------------------------------------------------------------------
 
