@@ -5,12 +5,15 @@ variants that compute the same function, and keep inductor's generated code
 of each, so that a slow kernel can be read and its alternatives timed in
 seconds of compilation rather than minutes.
 
-    python bench/bench_block.py [--batch=256] [--variants=base,split,split-skip] [--code-dir=DIR]
+    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip] [--code-dir=DIR]
     python bench/bench_block.py --device=cpu --batch=2 --eager      # numerics only
 
 Variants:
   base        UNetBlock as the network runs it: norm0 and the 1x1 skip
               convolution both read the concatenation.
+  welford     base with the earlier group_norm_nhwc: Welford statistics
+              (torch.var_mean) and the normalisation recomputing rsqrt(var + eps),
+              weight and bias for every element.
   split       norm0 of the concatenation taken as two group norms, one per
               half (the groups do not straddle the halves), concatenated
               after the normalisation.
@@ -18,6 +21,7 @@ Variants:
               so that the concatenation is never formed.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -33,7 +37,7 @@ from torch_utils.misc import choose_device # pylint: disable=wrong-import-positi
 from training import networks # pylint: disable=wrong-import-position
 from bench import redraw_small_weights, write_profile # pylint: disable=wrong-import-position
 
-VARIANTS = ('base', 'split', 'split-skip')
+VARIANTS = ('base', 'welford', 'split', 'split-skip')
 
 #----------------------------------------------------------------------------
 
@@ -67,10 +71,30 @@ def block_split(block, x, skip, emb, split_skip):
         y = y.add_(block.skip(torch.cat([x, skip], dim=1)))
     return y * block.skip_scale
 
+def group_norm_welford(x, num_groups, weight, bias, eps):
+    """group_norm_nhwc as it was measured in run D."""
+    N, C, H, W = x.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xg = x.to(dtype).permute(0, 2, 3, 1).reshape(N, H * W, num_groups, C // num_groups)
+    var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(N, H, W, C).permute(0, 3, 1, 2)
+    y = y * weight.to(dtype).reshape(1, -1, 1, 1) + bias.to(dtype).reshape(1, -1, 1, 1)
+    return y if networks._autocast_enabled(x.device.type) else y.to(x.dtype) # pylint: disable=protected-access
+
+@contextlib.contextmanager
+def norm_of(variant):
+    """The network's group_norm_nhwc, or the earlier one for variant welford (while it compiles and runs)."""
+    current = networks.group_norm_nhwc
+    networks.group_norm_nhwc = group_norm_welford if variant == 'welford' else current
+    try:
+        yield
+    finally:
+        networks.group_norm_nhwc = current
+
 def make_fn(blocks, variant):
     def fn(x, skip1, skip2, emb):
         for block, skip in zip(blocks, (skip1, skip2)):
-            if variant == 'base':
+            if variant in ('base', 'welford'):
                 x = block(torch.cat([x, skip], dim=1), emb)
             else:
                 x = block_split(block, x, skip, emb, split_skip=(variant == 'split-skip'))
@@ -116,38 +140,45 @@ def main(batch, variants, device, iters, eager, code_dir):
     print(f'device {torch.cuda.get_device_name(device) if is_cuda else "cpu"}, torch {torch.__version__}, batch {batch}, {dtype}', flush=True)
 
     for variant in variants:
-        with torch.no_grad(): # the same function: float32 outputs within rounding of the base variant's
-            exact_err = (make_fn(blocks, variant)(*inputs, emb).float() - expected).abs().max().item() / expected.abs().max().item()
-        if exact_err > 1e-4:
-            raise click.ClickException(f'variant {variant} differs from base in float32 by {exact_err:.1e} of the largest output')
-        fn = make_fn(blocks, variant)
-        if not eager:
-            fn = torch.compile(fn, mode=('reduce-overhead' if is_cuda else None))
-        def run():
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
-                return fn(*half_inputs, emb)
-        t0 = time.perf_counter()
-        if code_dir and not eager:
-            from torch._inductor.utils import run_and_get_code # pylint: disable=import-outside-toplevel
-            out, codes = run_and_get_code(run)
-            with open(os.path.join(code_dir, f'block-{variant}.py'), 'w') as f:
-                f.write('\n\n'.join(codes))
-        else:
-            out = run()
-        out = out.float().clone()
-        for _ in range(2): # CUDA graphs record on the second and later calls
-            run()
-        sync()
-        warmup = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            run()
-        sync()
-        ms = (time.perf_counter() - t0) / iters * 1000
-        err = (out - expected).abs().max().item() / expected.abs().max().item()
-        print(f'{variant:10s} {ms:8.3f} ms per call  error vs float32 base {err:.1e}, in float32 {exact_err:.1e} (of the largest output)  warm-up {warmup:.0f} s', flush=True)
-        if code_dir:
-            write_profile(run, sync, device, os.path.join(code_dir, f'kernels-{variant}.txt'))
+        with norm_of(variant):
+            run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, device, eager, iters, code_dir, sync)
+
+def run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, device, eager, iters, code_dir, sync):
+    """Check one variant against the float32 base, then compile, time and (with code_dir) keep its code and kernels."""
+    is_cuda = device.type == 'cuda'
+    with torch.no_grad(): # the same function: float32 outputs within rounding of the base variant's
+        exact_err = (make_fn(blocks, variant)(*inputs, emb).float() - expected).abs().max().item() / expected.abs().max().item()
+    if exact_err > 1e-4:
+        raise click.ClickException(f'variant {variant} differs from base in float32 by {exact_err:.1e} of the largest output')
+    fn = make_fn(blocks, variant)
+    if not eager:
+        fn = torch.compile(fn, mode=('reduce-overhead' if is_cuda else None))
+    def run():
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+            return fn(*half_inputs, emb)
+    t0 = time.perf_counter()
+    if code_dir and not eager:
+        from torch._inductor.utils import run_and_get_code # pylint: disable=import-outside-toplevel
+        out, codes = run_and_get_code(run)
+        with open(os.path.join(code_dir, f'block-{variant}.py'), 'w') as f:
+            f.write('\n\n'.join(codes))
+    else:
+        out = run()
+    out = out.float().clone()
+    for _ in range(2): # CUDA graphs record on the second and later calls
+        run()
+    sync()
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        run()
+    sync()
+    ms = (time.perf_counter() - t0) / iters * 1000
+    err = (out - expected).abs().max().item() / expected.abs().max().item()
+    print(f'{variant:10s} {ms:8.3f} ms per call  error vs float32 base {err:.1e}, in float32 {exact_err:.1e} (of the largest output)  warm-up {warmup:.0f} s', flush=True)
+    if code_dir:
+        write_profile(run, sync, device, os.path.join(code_dir, f'kernels-{variant}.txt'))
+
 
 #----------------------------------------------------------------------------
 
