@@ -266,8 +266,8 @@ def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     try:
         device = dist.init(opts.device)
-    except ValueError as err:
-        raise click.ClickException(f'--device: {err}') from None
+    except (ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
 
     # Validate the options and the dataset.
     try:
@@ -313,10 +313,13 @@ def main(**kwargs):
     dist.print0('Creating output directory...')
     logger = None
     if dist.get_rank() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
-        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
-            json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+        try:
+            os.makedirs(c.run_dir, exist_ok=True)
+            with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
+                json.dump(c, f, indent=2)
+            logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+        except OSError as err:
+            raise click.ClickException(f'cannot create the output directory {c.run_dir} (--outdir): {err.strerror or err}') from None
 
     # Train.
     try:

@@ -201,6 +201,23 @@ def test_sigterm_then_resume_is_bit_identical(baseline, data, tmp_path):
     _, resumed = run_dirs(tmp_path)
     assert_same_training_state(os.path.join(resumed, 'training-state-000002.pt'), os.path.join(baseline['run_dir'], 'training-state-000002.pt'))
 
+def test_stop_on_the_step_that_ends_a_tick_then_resume(data, tmp_path):
+    # Tick 1 ends on step 33 (at 1056 images); a stop requested during that step must not make the resumed run repeat the tick.
+    def run(name, stop_at_call, *resume):
+        run_dir = str(tmp_path / name)
+        res = run_script(['tests/preempted_training.py', run_dir, data['uncond'], stop_at_call, *resume])
+        return run_dir, [line.split()[1] for line in res.stdout.splitlines() if line.startswith('tick ')]
+    whole, whole_ticks = run('whole', 0)
+    stopped, stopped_ticks = run('stopped', 33)
+    state = load_state(os.path.join(stopped, 'training-state-000001.pt'))
+    assert stopped_ticks == ['0', '1'] and (state['cur_nimg'], state['cur_tick'], state['tick_start_nimg']) == (1056, 2, 1056)
+    resumed, resumed_ticks = run('resumed', 0, os.path.join(stopped, 'training-state-000001.pt'),
+                                 os.path.join(stopped, 'network-snapshot-000001.pkl'))
+    assert whole_ticks == ['0', '1', '2'] and resumed_ticks == ['2']
+    for name in ['training-state-000002.pt', 'network-snapshot-000002.pkl']:
+        assert os.path.isfile(os.path.join(resumed, name)) and os.path.isfile(os.path.join(whole, name))
+    assert_same_training_state(os.path.join(resumed, 'training-state-000002.pt'), os.path.join(whole, 'training-state-000002.pt'))
+
 def test_resume_in_place_keeps_whole_stats_lines(baseline, data, tmp_path):
     # A run killed while appending to stats.jsonl leaves a partial last line; resuming into the same
     # directory (--nosubdir) drops it and appends the new ticks after the complete ones.
@@ -356,6 +373,32 @@ def test_clear_one_line_errors(case, data, tmp_path, resume_file):
     errors = [line for line in res.output.splitlines() if line.startswith('Error: ')]
     assert len(errors) == 1 and expected in errors[0], res.output
     assert not outdir.exists()
+
+@pytest.mark.parametrize('case', ['state-without-ema-or-snapshot', 'transfer-shape-mismatch', 'outdir-is-a-file', 'unknown-device'])
+def test_clear_one_line_errors_of_real_runs(case, baseline, data, tmp_path):
+    state = load_state(os.path.join(baseline['run_dir'], 'training-state-000001.pt'))
+    reference_layout = tmp_path / 'prev' / 'training-state-000001.pt' # no network snapshot beside it
+    reference_layout.parent.mkdir()
+    torch.save(dict(net=state['net'], optimizer_state=state['optimizer_state']), reference_layout)
+    snapshot = os.path.join(baseline['run_dir'], 'network-snapshot-000001.pkl')
+    (tmp_path / 'afile').write_text('')
+    outdir, extra, expected = {
+        'state-without-ema-or-snapshot': ('runs', [f'--resume={reference_layout}'], f'{reference_layout} holds no EMA'),
+        'transfer-shape-mismatch':       ('runs', [f'--transfer={snapshot}', '--cbase=8'], f'{snapshot}: shape mismatch'),
+        'outdir-is-a-file':              ('afile', [], '(--outdir)'),
+        'unknown-device':                ('runs', ['--device=bogus'], '--device=bogus is not a device name'),
+    }[case]
+    res = run_script(train_args(tmp_path / outdir, data['uncond'], '--duration=0.001', '--workers=0', *extra), check=False)
+    assert res.returncode != 0 and 'Traceback' not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith('Error: ') and expected in res.stderr.strip().splitlines()[-1], res.stderr
+
+def test_resume_on_a_changed_dataset_starts_a_new_data_order(baseline, data, tmp_path):
+    # --xflip=1 doubles the dataset: the saved data order no longer fits it, so a fresh one starts, as the reference's would.
+    res = run_script(train_args(tmp_path, data['uncond'], '--duration=0.002', '--workers=0', '--xflip=1',
+                                f'--resume={os.path.join(baseline["run_dir"], "training-state-000001.pt")}'))
+    assert "the state's data order is for 16 images, the dataset has 32; the data order starts afresh" in res.stdout
+    (run_dir,) = run_dirs(tmp_path)
+    assert load_state(os.path.join(run_dir, 'training-state-000002.pt'))['cur_nimg'] == 2016
 
 def test_batch_must_split_over_gpus():
     train.check_batch(32, 8, 2)

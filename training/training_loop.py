@@ -152,7 +152,10 @@ def _copy_by_name(src_module, dst_module, source_name):
     if missing:
         dist.print0(f'{source_name} lacks {len(missing)} of {len(dst_names)} parameters/buffers, kept as initialised: '
                     + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else ''))
-    misc.copy_params_and_buffers(src_module=src_module, dst_module=dst_module, require_all=False)
+    try:
+        misc.copy_params_and_buffers(src_module=src_module, dst_module=dst_module, require_all=False)
+    except ValueError as err:
+        raise ValueError(f'{source_name}: {err}') from None
 
 def _write_file(path, dump, data):
     """dump(data, file) into `path`, which appears only once complete."""
@@ -250,6 +253,10 @@ def training_loop(
     # Load dataset.
     dist.print0('Loading dataset...')
     dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs) # subclass of training.dataset.Dataset
+    if sampler_state is not None and len(sampler_state['order']) != len(dataset_obj):
+        dist.print0(f'Note: the state\'s data order is for {len(sampler_state["order"])} images, the dataset has {len(dataset_obj)}; '
+                    f'the data order starts afresh.')
+        sampler_idx, sampler_state = 0, None
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=sampler_seed, start_idx=sampler_idx, start_state=sampler_state)
     loader_kwargs = {k: v for k, v in data_loader_kwargs.items() if k != 'class_name'}
     if loader_kwargs.get('num_workers', 0) == 0:
@@ -304,10 +311,16 @@ def training_loop(
         _copy_by_name(source, ema, resume_pkl)
         del source
     if state is not None:
-        misc.copy_params_and_buffers(src_module=state['net'], dst_module=net, require_all=True)
+        if state.get('ema') is None and resume_pkl is None:
+            raise ValueError(f'{resume_state_dump} holds no EMA, and there is no network snapshot to take it from: '
+                             f'put the run\'s network-snapshot-NNNNNN.pkl of the same kimg beside it')
+        try:
+            misc.copy_params_and_buffers(src_module=state['net'], dst_module=net, require_all=True)
+            if state.get('ema') is not None:
+                misc.copy_params_and_buffers(src_module=state['ema'], dst_module=ema, require_all=True)
+        except ValueError as err:
+            raise ValueError(f'{resume_state_dump}: {err}') from None
         optimizer.load_state_dict(state['optimizer_state'])
-        if state.get('ema') is not None:
-            misc.copy_params_and_buffers(src_module=state['ema'], dst_module=ema, require_all=True)
 
     # Continue the counters and random streams of an interrupted run.
     cur_tick = 0
@@ -378,7 +391,8 @@ def training_loop(
             interrupted = (not done) and _agree_to_stop(stop.requested or dist.should_stop())
             if interrupted:
                 dist.print0(f'\nStop requested (SIGTERM/SIGINT): saving a snapshot and the training state at {cur_nimg} images...', flush=True)
-            if (not done) and (not interrupted) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
+            tick_done = done or (cur_tick == 0) or (cur_nimg >= tick_start_nimg + kimg_per_tick * 1000)
+            if not (tick_done or interrupted):
                 continue
 
             # Print status line, accumulating the same information in training_stats.
@@ -426,8 +440,8 @@ def training_loop(
                     state_path = os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt')
                     _write_file(state_path, torch.save, dict(
                         net=net, optimizer_state=optimizer.state_dict(), ema=ema,
-                        cur_nimg=cur_nimg, cur_tick=(cur_tick if interrupted else cur_tick + 1),
-                        tick_start_nimg=(tick_start_nimg if interrupted else cur_nimg),
+                        cur_nimg=cur_nimg, cur_tick=(cur_tick + 1 if tick_done else cur_tick), # a stop within a tick continues it
+                        tick_start_nimg=(cur_nimg if tick_done else tick_start_nimg),
                         sampler_seed=sampler_seed, sampler_idx=next_idx, sampler_state=sampler_state,
                         batch_size=batch_size, world_size=world_size, rng_states=rng_states,
                     ))
