@@ -400,6 +400,19 @@ def test_resume_on_a_changed_dataset_starts_a_new_data_order(baseline, data, tmp
     (run_dir,) = run_dirs(tmp_path)
     assert load_state(os.path.join(run_dir, 'training-state-000002.pt'))['cur_nimg'] == 2016
 
+def test_fp16_run_without_overflow_equals_the_fixed_scale(data, tmp_path):
+    # On the CPU the networks compute in float32 even with --fp16=1, so nothing overflows: the dynamic loss scale
+    # never moves and the run is bit-identical to the reference's fixed scale (here with --fp16=0).
+    states = {}
+    for fp16 in ['0', '1']:
+        run_script(train_args(tmp_path / fp16, data['uncond'], '--duration=0.001', '--workers=0', '--seed=0', '--ls=100',
+                              f'--fp16={fp16}', '--dump=1'))
+        (run_dir,) = run_dirs(tmp_path / fp16)
+        states[fp16] = load_state(os.path.join(run_dir, 'training-state-000001.pt'))
+    assert states['1']['loss_scale'] == dict(scale=100.0, clean_steps=32) and states['0']['loss_scale'] is None
+    for name, tensor in states['0']['net'].state_dict().items():
+        assert torch.equal(tensor, states['1']['net'].state_dict()[name]), name
+
 def test_batch_must_split_over_gpus():
     train.check_batch(32, 8, 2)
     with pytest.raises(ValueError, match='number of GPUs'):

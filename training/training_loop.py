@@ -19,6 +19,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import network_io
+from training.loss_scale import DynamicLossScale
 from training.networks import set_fast_paths
 
 #----------------------------------------------------------------------------
@@ -300,6 +301,7 @@ def training_loop(
     if world_size > 1:
         ddp = _wrap_ddp(net, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
+    loss_scale = DynamicLossScale(loss_scaling) if getattr(net, 'use_fp16', False) else None
     train_net = torch.compile(ddp) if compile else ddp
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
 
@@ -321,6 +323,8 @@ def training_loop(
         except ValueError as err:
             raise ValueError(f'{resume_state_dump}: {err}') from None
         optimizer.load_state_dict(state['optimizer_state'])
+        if loss_scale is not None and state.get('loss_scale') is not None:
+            loss_scale.load_state_dict(state['loss_scale'])
 
     # Continue the counters and random streams of an interrupted run.
     cur_tick = 0
@@ -361,17 +365,21 @@ def training_loop(
                         with autocast():
                             loss = loss_fn(net=train_net, images=images, labels=labels, augment_pipe=augment_pipe)
                         training_stats.report('Loss/loss', loss)
-                        loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+                        loss.sum().mul((loss_scale.scale if loss_scale else loss_scaling) / batch_gpu_total).backward()
             except _OOM_ERRORS:
                 raise MemoryError(_oom_message(batch_gpu, num_accumulation_rounds)) from None
 
             # Update weights.
             for g in optimizer.param_groups:
                 g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-            for param in net.parameters():
-                if param.grad is not None:
-                    torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-            optimizer.step()
+            if loss_scale is not None: # float16: a step whose gradients overflowed is skipped
+                stepped = loss_scale.unscale_or_skip(net.parameters())
+                training_stats.report('Loss/skipped_step', 0.0 if stepped else 1.0)
+            if loss_scale is None or stepped:
+                for param in net.parameters():
+                    if param.grad is not None:
+                        torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+                optimizer.step()
 
             # Update EMA.
             ema_halflife_nimg = ema_halflife_kimg * 1000
@@ -444,6 +452,7 @@ def training_loop(
                         tick_start_nimg=(cur_nimg if tick_done else tick_start_nimg),
                         sampler_seed=sampler_seed, sampler_idx=next_idx, sampler_state=sampler_state,
                         batch_size=batch_size, world_size=world_size, rng_states=rng_states,
+                        loss_scale=(loss_scale.state_dict() if loss_scale is not None else None),
                     ))
                 del rng_states
 
