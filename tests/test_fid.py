@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import fixture_file, free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
+from conftest import ROOT, fixture_file, free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
 import fid_detector
 
 NUM_IMAGES = 40 # more than the feature size (16), so sigma is well conditioned and FID(P, P) is ~1e-15
@@ -266,6 +266,17 @@ def test_error_images_of_mixed_sizes(setup, tmp_path):
                   '--device', 'cpu', '--workers', 2, env=setup['env'], check=False) # raised in a DataLoader worker
     line = error_line(res)
     assert 'img9999.png' in line and 'shape' in line
+
+def test_error_on_one_rank_stops_every_rank_cleanly(setup, tmp_path):
+    folder = write_folder(tmp_path / 'mixed', random_images(6, resolution=8))
+    with open(os.path.join(folder, 'img9999.png'), 'wb') as f:
+        f.write(png_bytes(random_images(1, resolution=16)[0]))
+    res = run_torchrun(['fid.py', 'ref', '--data', folder, '--dest', tmp_path / 'x.npz', '--detector', setup['detector_pkl'],
+                        '--device', 'cpu', '--batch', 2, '--workers', 0], nproc=2, check=False)
+    errors = sorted(line for line in res.stderr.splitlines() if line.startswith('Error: '))
+    assert res.returncode != 0 and f'File "{ROOT}' not in res.stderr, res.stderr # torchrun's launcher prints its own traceback
+    assert len(errors) == 2 and 'img9999.png' in errors[0] and 'another process of this run stopped' in errors[1], res.stderr
+    assert not os.path.exists(tmp_path / 'x.npz')
 
 def test_error_detector_without_n_by_d_features(setup, tmp_path):
     with open(tmp_path / 'flat.pkl', 'wb') as f:
