@@ -7,6 +7,7 @@ seconds of compilation rather than minutes.
 
     python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip] [--code-dir=DIR]
     python bench/bench_block.py --device=cpu --batch=2 --eager      # numerics only
+    python bench/bench_block.py --backward                          # training: forward + backward, bf16, no CUDA graphs
 
 Variants:
   base        UNetBlock as the network runs it: norm0 and the 1x1 skip
@@ -110,7 +111,8 @@ def make_fn(blocks, variant):
 @click.option('--iters', help='Timed repetitions', metavar='INT', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--eager', help='Do not compile (numerics only)', is_flag=True)
 @click.option('--code-dir', help='Write the generated code and the table of kernels of each variant here', metavar='DIR', type=str, default=None)
-def main(batch, variants, device, iters, eager, code_dir):
+@click.option('--backward', help='Time forward + backward as the fast training step runs it (bf16, compiled without CUDA graphs)', is_flag=True)
+def main(batch, variants, device, iters, eager, code_dir, backward):
     """Time the decoder-block variants and check that they compute the same function."""
     variants = variants.split(',')
     for variant in variants:
@@ -124,8 +126,10 @@ def main(batch, variants, device, iters, eager, code_dir):
     if code_dir:
         import torch._inductor.config as inductor_config # pylint: disable=import-outside-toplevel
         inductor_config.fx_graph_cache = False # generate the code, to keep it
-    dtype = torch.float16 if is_cuda else torch.bfloat16 # as bench.py's fast mode
+    dtype = torch.float16 if is_cuda and not backward else torch.bfloat16 # as bench.py's fast modes
     blocks = make_blocks(device)
+    if backward:
+        blocks.requires_grad_(True) # evaluation mode still: dropout off, so that the variants compare
     assert blocks[0].norm0.num_groups * 256 % 512 == 0 # the halves hold whole groups
 
     gen = torch.Generator(device).manual_seed(1)
@@ -133,29 +137,38 @@ def main(batch, variants, device, iters, eager, code_dir):
     emb = torch.randn([batch, 512], device=device, generator=gen)
     with torch.no_grad():
         expected = make_fn(blocks, 'base')(*inputs, emb).float() # float32, no autocast: the faithful values
-    half_inputs = [x.to(dtype) for x in inputs]
+    half_inputs = [x.to(dtype).requires_grad_(backward) for x in inputs]
     if code_dir:
         os.makedirs(code_dir, exist_ok=True)
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
-    print(f'device {torch.cuda.get_device_name(device) if is_cuda else "cpu"}, torch {torch.__version__}, batch {batch}, {dtype}', flush=True)
+    print(f'device {torch.cuda.get_device_name(device) if is_cuda else "cpu"}, torch {torch.__version__}, batch {batch}, {dtype}'
+          + (', forward + backward' if backward else ''), flush=True)
 
     for variant in variants:
         with norm_of(variant):
-            run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, device, eager, iters, code_dir, sync)
+            run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, device, eager, iters, code_dir, sync, backward)
 
-def run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, device, eager, iters, code_dir, sync):
+def run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, device, eager, iters, code_dir, sync, backward):
     """Check one variant against the float32 base, then compile, time and (with code_dir) keep its code and kernels."""
     is_cuda = device.type == 'cuda'
+    graphs = is_cuda and not backward # sampling replays CUDA graphs; the training step does not
     with torch.no_grad(): # the same function: float32 outputs within rounding of the base variant's
         exact_err = (make_fn(blocks, variant)(*inputs, emb).float() - expected).abs().max().item() / expected.abs().max().item()
     if exact_err > 1e-4:
         raise click.ClickException(f'variant {variant} differs from base in float32 by {exact_err:.1e} of the largest output')
     fn = make_fn(blocks, variant)
     if not eager:
-        fn = torch.compile(fn, mode=('reduce-overhead' if is_cuda else None))
+        fn = torch.compile(fn, mode=('reduce-overhead' if graphs else None))
     def run():
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
-            return fn(*half_inputs, emb)
+        if not backward:
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+                return fn(*half_inputs, emb)
+        for t in [*blocks.parameters(), *half_inputs]:
+            t.grad = None
+        with torch.autocast(device.type, dtype=dtype):
+            out = fn(*half_inputs, emb)
+        out.float().square().mean().backward()
+        return out.detach()
     t0 = time.perf_counter()
     if code_dir and not eager:
         from torch._inductor.utils import run_and_get_code # pylint: disable=import-outside-toplevel
@@ -165,7 +178,7 @@ def run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, devi
     else:
         out = run()
     out = out.float().clone()
-    for _ in range(2): # CUDA graphs record on the second and later calls
+    for _ in range(2): # CUDA graphs record on the second and later calls; the backward compiles on the first
         run()
     sync()
     warmup = time.perf_counter() - t0

@@ -189,7 +189,9 @@ def parse_int_list(s: Union[str, List[int]]) -> List[int]:
 #----------------------------------------------------------------------------
 # What unpickling a damaged or foreign file raises (besides OSError).
 
-UNPICKLING_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError, UnicodeDecodeError)
+# Persistent pickles also run the source code they carry, and torch storages look up their keys.
+UNPICKLING_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError, TypeError, ValueError,
+                     UnicodeDecodeError, SyntaxError, NameError, AssertionError)
 
 #----------------------------------------------------------------------------
 # Atomic file writes: never leave a truncated file behind.
@@ -361,22 +363,23 @@ def _download(url: str, dest: str, num_attempts: int, verbose: bool) -> str:
     from tqdm import tqdm
 
     last_error = None
+    attempts = 0
     for attempt in range(num_attempts):
+        attempts += 1
         try:
             with requests.get(url, stream=True, timeout=(10, 60)) as res:
                 res.raise_for_status()
                 match = re.search(r'filename="([^"]*)"', res.headers.get("Content-Disposition", ""))
                 file_name = match[1] if match else (os.path.basename(urllib.parse.urlparse(url).path) or url)
-                total = int(res.headers.get('Content-Length', 0)) or None
-                received = 0
+                total = int(res.headers.get('Content-Length', 0)) or None # bytes on the wire (compressed, if encoded)
                 with atomic_write(dest) as f:
                     with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=f'Downloading {file_name}',
                               disable=not verbose, leave=False, file=sys.stderr) as bar:
                         for chunk in res.iter_content(chunk_size=1 << 20):
                             f.write(chunk)
-                            received += len(chunk)
-                            bar.update(len(chunk))
-                    if received == 0:
+                            bar.update(res.raw.tell() - bar.n)
+                    received = res.raw.tell()
+                    if f.tell() == 0:
                         raise IOError('no data received')
                     if total is not None and received != total:
                         raise IOError(f'connection closed after {received} of {total} bytes')
@@ -395,7 +398,7 @@ def _download(url: str, dest: str, num_attempts: int, verbose: bool) -> str:
             print(f'Retrying {url} ({attempt + 1}/{num_attempts - 1}): {last_error}', file=sys.stderr, flush=True)
     if isinstance(last_error, requests.ConnectionError):
         raise IOError(f'Could not download {url}: the host cannot be reached (offline?): {last_error}')
-    raise IOError(f'Could not download {url} after {num_attempts} attempts: {last_error}')
+    raise IOError(f'Could not download {url} after {attempts} attempt{"s" if attempts > 1 else ""}: {last_error}')
 
 def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: bool = True, return_filename: bool = False, cache: bool = True) -> Any:
     """Open a local path, a file:// URL or an http(s) URL (downloaded once into the cache).

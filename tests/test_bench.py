@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 from conftest import run_script
 
 
@@ -21,8 +23,9 @@ def test_bench_quick_runs_and_prints_figures(tmp_path):
     assert all(r['ours']['gflop'] > 0 and r['ours']['params'] == results[0]['ours']['params'] for r in results)
 
 
-def test_block_variants_compute_the_same_function():
-    res = run_script(['bench/bench_block.py', '--device=cpu', '--batch=2', '--eager', '--iters=1'])
+@pytest.mark.parametrize('mode', [[], ['--backward']])
+def test_block_variants_compute_the_same_function(mode):
+    res = run_script(['bench/bench_block.py', '--device=cpu', '--batch=2', '--eager', '--iters=1', *mode])
     lines = [line for line in res.stdout.splitlines() if re.match(r'(base|welford|split|split-skip) ', line)]
     assert [line.split()[0] for line in lines] == ['base', 'welford', 'split', 'split-skip'], res.stdout
     for line in lines:

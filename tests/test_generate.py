@@ -39,8 +39,11 @@ def pkls(tmp_path_factory):
     with open(root / 'notnet.pkl', 'wb') as f:
         pickle.dump(dict(ema=5), f)
     with open(cond, 'rb') as f:
-        (root / 'truncated.pkl').write_bytes(f.read()[:2000])
-    return dict(cond=cond, gray=gray, noema=str(root / 'noema.pkl'), notnet=str(root / 'notnet.pkl'), truncated=str(root / 'truncated.pkl'))
+        data = f.read()
+    (root / 'truncated.pkl').write_bytes(data[:2000])
+    assert b'return ' in data # the source code the pickle carries, made invalid at the same length
+    (root / 'badsource.pkl').write_bytes(data.replace(b'return ', b'retur n', 1))
+    return dict(cond=cond, gray=gray, noema=str(root / 'noema.pkl'), notnet=str(root / 'notnet.pkl'), badsource=str(root / 'badsource.pkl'), truncated=str(root / 'truncated.pkl'))
 
 @pytest.fixture(scope='module')
 def reference_run(pkls, tmp_path_factory):
@@ -181,6 +184,7 @@ def test_compile_close_to_eager(pkls, tmp_path):
 ERRORS = {
     'missing pickle':        (lambda p, d: [f'--network={d}/missing.pkl', f'--outdir={d}/out'], 'missing.pkl'),
     'truncated pickle':      (lambda p, d: [f'--network={p["truncated"]}', f'--outdir={d}/out'], 'truncated.pkl'),
+    'invalid source code':   (lambda p, d: [f'--network={p["badsource"]}', f'--outdir={d}/out'], 'badsource.pkl is not a readable network pickle (SyntaxError'),
     'pickle without ema':    (lambda p, d: [f'--network={p["noema"]}', f'--outdir={d}/out'], 'ema'),
     'ema not a network':     (lambda p, d: [f'--network={p["notnet"]}', f'--outdir={d}/out'], 'holds a int, not a preconditioned network'),
     'empty iddpm range':     (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--disc=iddpm', '--sigma_min=10', '--sigma_max=1'],

@@ -1,5 +1,6 @@
 """dnnlib.util.open_url against a real HTTP server on loopback."""
 
+import gzip as gzlib
 import hashlib
 import http.server
 import os
@@ -15,28 +16,32 @@ PAYLOAD = bytes(range(256)) * 4096 # 1 MiB
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     truncate = False
+    gzip = False
 
     def do_GET(self):
         if self.path != '/files/model.pkl':
             self.send_error(404)
             return
+        body = gzlib.compress(PAYLOAD) if self.gzip else PAYLOAD
         self.send_response(200)
         self.send_header('Content-Type', 'application/octet-stream')
-        self.send_header('Content-Length', str(len(PAYLOAD)))
+        if self.gzip:
+            self.send_header('Content-Encoding', 'gzip')
+        self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         if self.truncate: # send half the file, then drop the connection
-            self.wfile.write(PAYLOAD[:len(PAYLOAD) // 2])
+            self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
             self.connection.shutdown(2)
             return
-        self.wfile.write(PAYLOAD)
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
 
 
-def _serve(truncate=False):
-    handler = type('Handler', (_Handler,), dict(truncate=truncate))
+def _serve(truncate=False, gzip=False):
+    handler = type('Handler', (_Handler,), dict(truncate=truncate, gzip=gzip))
     server = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -73,8 +78,20 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
     assert os.path.dirname(path) == str(tmp_path / 'envcache' / 'downloads')
 
 
-def test_dropped_connection_leaves_no_cache_entry(tmp_path):
-    server = _serve(truncate=True)
+def test_compressed_transfer_is_stored_decompressed(tmp_path):
+    # With Content-Encoding: gzip, Content-Length counts the compressed bytes on the wire.
+    server = _serve(gzip=True)
+    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
+    try:
+        with util.open_url(url, cache_dir=str(tmp_path), num_attempts=1, verbose=False) as f:
+            assert f.read() == PAYLOAD
+    finally:
+        server.shutdown()
+        server.server_close()
+
+@pytest.mark.parametrize('gzip', [False, True])
+def test_dropped_connection_leaves_no_cache_entry(tmp_path, gzip):
+    server = _serve(truncate=True, gzip=gzip)
     url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
     try:
         with pytest.raises(IOError, match='127.0.0.1') as info:
@@ -98,7 +115,7 @@ def test_missing_file_is_not_retried_forever(tmp_path):
     server = _serve()
     url = f'http://127.0.0.1:{server.server_address[1]}/files/absent.pkl'
     try:
-        with pytest.raises(IOError, match='404'):
+        with pytest.raises(IOError, match='after 1 attempt: 404'):
             util.open_url(url, cache_dir=str(tmp_path), verbose=False)
     finally:
         server.shutdown()
