@@ -23,13 +23,19 @@ class DynamicLossScale:
         """After the backward pass: True, with the gradients rescaled to the target scale, when they are all
         finite; else False (skip the step), and the scale halves. Reads one flag back from the device."""
         grads = [p.grad for p in params if p.grad is not None]
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-        if not finite:
+        if not grads:
+            return True
+        found_inf = torch.zeros([1], device=grads[0].device)
+        factor = torch.full([1], self.target / self.scale, device=grads[0].device)
+        try: # one fused pass over all gradients: check, and rescale (which a skipped step discards)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, factor)
+        except (RuntimeError, NotImplementedError, AttributeError): # older builds lack it for this device or dtype
+            found_inf = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
+            torch._foreach_mul_(grads, self.target / self.scale)
+        if found_inf.item() != 0:
             self.scale /= 2
             self.clean_steps = 0
             return False
-        if self.scale != self.target:
-            torch._foreach_mul_(grads, self.target / self.scale)
         self.clean_steps += 1
         if self.scale < self.target and self.clean_steps >= self.growth_interval:
             self.scale = min(self.scale * 2, self.target)
