@@ -184,7 +184,8 @@ def group_norm_nhwc(x, num_groups, weight, bias, eps):
 #----------------------------------------------------------------------------
 # Attention weights softmax(q . k / sqrt(c)), computed in float32 in both the
 # forward and the backward pass whatever the input dtype (and with autocast
-# off), returned in the dtype of q.
+# off), returned in the dtype of q; the backward pass starts from the weights
+# as returned, as the reference's does.
 
 def _autocast_off(device):
     """Context that disables autocast on the given device (no-op where unsupported)."""
@@ -197,15 +198,15 @@ class AttentionOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
         with _autocast_off(q.device):
-            w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2)
-        ctx.save_for_backward(q, k, w)
-        return w.to(q.dtype)
+            w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
+        ctx.save_for_backward(q, k, w) # in q's dtype, as the reference: its float16 gradients
+        return w
 
     @staticmethod
     def backward(ctx, dw):
         q, k, w = ctx.saved_tensors
         with _autocast_off(q.device):
-            dw = dw.to(torch.float32)
+            dw, w = dw.to(torch.float32), w.to(torch.float32)
             db = w * (dw - (dw * w).sum(dim=2, keepdim=True)) # Softmax backward.
             dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), db).to(q.dtype) / np.sqrt(k.shape[1])
             dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), db).to(k.dtype) / np.sqrt(k.shape[1])
@@ -372,10 +373,11 @@ class FourierEmbedding(torch.nn.Module):
         x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
 
-def _class_embedding_input(class_labels, label_dropout, training):
-    """Class labels with each row zeroed with probability label_dropout in training."""
+def _class_embedding_input(class_labels, label_dropout, training, batch_size):
+    """Class labels with each image's labels zeroed with probability label_dropout in training
+    (one draw per image, even where one row of labels is broadcast over the batch)."""
     if training and label_dropout:
-        keep = torch.rand([class_labels.shape[0], 1], device=class_labels.device) >= label_dropout
+        keep = torch.rand([batch_size, 1], device=class_labels.device) >= label_dropout
         class_labels = class_labels * keep.to(class_labels.dtype)
     return class_labels
 
@@ -482,7 +484,7 @@ class SongUNet(torch.nn.Module):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # sin half first, then cos.
         if self.map_label is not None:
-            tmp = _class_embedding_input(class_labels, self.label_dropout, self.training)
+            tmp = _class_embedding_input(class_labels, self.label_dropout, self.training, noise_labels.shape[0])
             emb = emb + self.map_label(tmp * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -596,7 +598,7 @@ class DhariwalUNet(torch.nn.Module):
         emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            tmp = _class_embedding_input(class_labels, self.label_dropout, self.training)
+            tmp = _class_embedding_input(class_labels, self.label_dropout, self.training, noise_labels.shape[0])
             emb = emb + self.map_label(tmp)
         emb = silu(emb)
 
