@@ -154,10 +154,28 @@ def _autocast_enabled(device_type):
     except TypeError: # torch < 2.4
         return torch.is_autocast_enabled() if device_type == 'cuda' else torch.is_autocast_cpu_enabled()
 
+def _is_compiling():
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError: # torch < 2.3
+        return torch._dynamo.is_compiling() # pylint: disable=protected-access
+
 def _stored(t):
-    """`t` itself; under torch.compile, computed once into memory rather than recomputed in each consumer
-    (inductor always stores the input of as_strided)."""
-    return torch.as_strided(t, t.shape, t.stride())
+    """`t` itself; under torch.compile, stored once in memory in its own layout rather than recomputed
+    in each consumer, or laid out as the compiler pleases (inductor fixes the input of as_strided to
+    the strides it has in eager mode)."""
+    return torch.as_strided(t, t.shape, t.stride()) if _is_compiling() else t
+
+def _keep_layout(t):
+    """_stored(t) for inference; under autograd `t` is left alone, since the backward of as_strided
+    would add a zero-filled copy of its gradient (and training graphs keep channels-last without it)."""
+    return t if t.requires_grad else _stored(t)
+
+def cat_skip(x, skip):
+    """torch.cat([x, skip], dim=1) for the decoders. Compiled, the concatenation keeps the inputs'
+    channels-last layout: inductor lays it out channels-last only if one input already has a fixed
+    channels-last layout, and otherwise writes it NCHW and transposes it back for the convolutions."""
+    return torch.cat([_keep_layout(x), _keep_layout(skip)], dim=1)
 
 def group_norm_nhwc(x, num_groups, weight, bias, eps):
     """group_norm of a channels-last tensor, with its groups viewed in place rather than copied to NCHW
@@ -295,7 +313,7 @@ class UNetBlock(torch.nn.Module):
             a = attention(q, k, v, use_sdpa=self.use_sdpa)
             x = self.proj(a.reshape(*x.shape)).add_(x)
             x = x * self.skip_scale
-        return x
+        return _keep_layout(x) # compiled: in the layout of the convolutions, which it feeds
 
 def set_attention_impl(net, impl):
     """Choose the attention implementation of every UNetBlock in `net`:
@@ -517,7 +535,7 @@ class SongUNet(torch.nn.Module):
                 aux = tmp if aux is None else tmp + aux
             else:
                 if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
+                    x = cat_skip(x, skips.pop())
                 x = block(x, emb)
         return aux
 
@@ -610,7 +628,7 @@ class DhariwalUNet(torch.nn.Module):
         # Decoder.
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
+                x = cat_skip(x, skips.pop())
             x = block(x, emb)
         x = self.out_conv(silu(self.out_norm(x)))
         return x
