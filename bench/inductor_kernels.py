@@ -1,0 +1,113 @@
+"""List the Triton kernels that torch.compile generates for a network, on a
+machine without a GPU: loads, stores, divisions and special functions per
+kernel, and the transposing (2-D tiled) kernels that mean a layout change.
+
+Inductor writes Triton source before it compiles it. With its Triton CPU
+backend selected, the source is generated as for a GPU; compiling it then
+fails (the `triton` wheel has no CPU driver), but the source is kept. With
+oneDNN off while compiling, inductor also takes the same layout decisions as
+on CUDA. The `triton` package is needed, but not in the environment that
+runs the project:
+
+    pip install --no-deps --target /tmp/tritonlib triton
+    PYTHONPATH=/tmp/tritonlib python bench/inductor_kernels.py [--what=sample|train] [--batch=4] [--show=tiled]
+
+The figures are of the CIFAR-10 DDPM++ network with the fast paths
+(channels-last, bf16 autocast), as `generate.py --compile` and
+`train.py --compile=1` run it. Inductor's internals change between PyTorch
+releases; this script follows 2.13.
+"""
+
+import collections
+import os
+import re
+import sys
+
+import click
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import CONFIGS # pylint: disable=wrong-import-position
+import dnnlib # pylint: disable=wrong-import-position
+
+#----------------------------------------------------------------------------
+
+def capture_triton_kernels():
+    """Select inductor's Triton CPU backend and return the list that every generated kernel's source is appended to."""
+    import torch._inductor.config as inductor_config # pylint: disable=import-outside-toplevel
+    import torch._inductor.codegen.triton as triton_codegen # pylint: disable=import-outside-toplevel
+    import torch.utils._triton as torch_triton # pylint: disable=import-outside-toplevel
+    inductor_config.cpu_backend = 'triton'
+    inductor_config.fx_graph_cache = False
+    no_driver_hash = lambda: '0' * 64 # the real one asks the (absent) driver
+    torch_triton.triton_hash_with_backend = no_driver_hash
+    triton_codegen.triton_hash_with_backend = no_driver_hash
+    sources = []
+    codegen_kernel = triton_codegen.TritonKernel.codegen_kernel
+    def keep(self, *args, **kwargs):
+        src = codegen_kernel(self, *args, **kwargs)
+        sources.append(src)
+        return src
+    triton_codegen.TritonKernel.codegen_kernel = keep
+    return sources
+
+def describe(src):
+    """(kind, element count, tiled, loads, stores, divisions, special functions) of one kernel's source."""
+    body = src.split('@triton.jit')[1]
+    kind = src.split('@triton_heuristics.')[1].split('(')[0]
+    numel = dict(re.findall(r'\b(\w*numel) = (\d+)', body))
+    count = 1
+    for key in ('xnumel', 'ynumel', 'r0_numel'):
+        count *= int(numel.get(key, 1))
+    return (kind, count, 'ynumel' in numel, body.count('tl.load('), body.count('tl.store('),
+            len(re.findall(r' / ', body)), len(re.findall(r'libdevice\.\w+', body)))
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--what', help='Inference (sampling) or forward pass of training', type=click.Choice(['sample', 'train']), default='sample', show_default=True)
+@click.option('--batch', help='Batch size', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--show', help='Print the source of these kernels', type=click.Choice(['none', 'tiled', 'all']), default='none', show_default=True)
+def main(what, batch, show):
+    """Summarise inductor's Triton kernels for CIFAR-10 DDPM++ without a GPU."""
+    try:
+        import triton # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        raise click.ClickException('needs the triton package: pip install --no-deps --target DIR triton, then PYTHONPATH=DIR') from None
+    from training import networks # pylint: disable=import-outside-toplevel
+    sources = capture_triton_kernels()
+    torch.backends.mkldnn.enabled = False # inductor's layout decisions as on CUDA
+    cfg = CONFIGS['cifar10-ddpmpp']
+    net = dnnlib.util.construct_class_by_name(**cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
+    networks.set_fast_paths(net)
+    net = net.train(what == 'train').requires_grad_(what == 'train').to(memory_format=torch.channels_last)
+    x = torch.randn([batch, cfg['ch'], cfg['res'], cfg['res']])
+    sigma = torch.ones([batch])
+    labels = torch.eye(cfg['label_dim'])[torch.arange(batch) % cfg['label_dim']]
+    compiled = torch.compile(net)
+    try:
+        with torch.autocast('cpu', dtype=torch.bfloat16), torch.set_grad_enabled(what == 'train'):
+            compiled(x, sigma, labels)
+    except Exception: # pylint: disable=broad-except
+        pass # compiling the kernels fails without a driver; their source is out by then
+    if not sources:
+        raise click.ClickException('no Triton kernel was generated: this PyTorch release is not the one this script follows')
+
+    rows = [describe(src) for src in sources]
+    activation = batch * 256 * 16 * 16 # the smallest activation of a 16x16 block
+    print(f'{len(rows)} kernels, {sum(r[2] for r in rows)} transposing (2-D tiled); '
+          f'over activations of at least {activation} elements:')
+    print(f'{"count":>5}  {"kind":10s} {"elements":>9} {"tiled":>5} {"loads":>5} {"stores":>6} {"div":>3} {"special":>7}')
+    table = collections.Counter(r for r in rows if r[1] >= activation)
+    for (kind, count, tiled, loads, stores, divs, special), n in sorted(table.items(), key=lambda item: -item[0][1] * item[1]):
+        print(f'{n:5d}  {kind:10s} {count:9d} {str(tiled):>5} {loads:5d} {stores:6d} {divs:3d} {special:7d}')
+    for src, row in zip(sources, rows):
+        if show == 'all' or (show == 'tiled' and row[2]):
+            print('\n' + src.split('@triton.jit')[1].strip())
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main() # pylint: disable=no-value-for-parameter
