@@ -9,8 +9,7 @@
 #   sample    CIFAR-10 DDPM++ sampling, batch 256: fp32 (the default) and fast, with tables of operations
 #   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
 #   graphs    CIFAR-10 DDPM++ training, batch 512, fast with the compiled network replayed as CUDA graphs
-#   block     two 32x32 decoder blocks alone, in variants (bench_block.py), with their generated code and kernels;
-#             then forward + backward (the training step's form) of the group normalisation's two forms
+#   block     two 32x32 decoder blocks alone, in variants (bench_block.py), with their generated code and kernels
 #   ab        the fast modes with the in-place group statistics off (--slow-ops=norm), against the rows above
 #   b512      fast sampling at batch 512
 #   cdt       coordinate-descent tuning of the kernels for sampling (block sizes and warps of each Triton kernel)
@@ -68,8 +67,7 @@ for part in "$@"; do
     sample)   measure sample-256 180 $C --what=sample --modes=fp32,fast --profile-dir="$WORK" ;;
     train)    measure train-512 180 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$WORK" ;;
     graphs)   measure train-512-graphs 180 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$WORK/graphs" ;;
-    block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$WORK/block"
-              echo "== block, forward + backward"; timeout 180 $PY bench/bench_block.py --backward --variants=base,welford --iters=20 ;;
+    block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$WORK/block" ;;
     ab)       measure train-512-no-norm 120 $C --what=train --modes=fast --iters=5 --slow-ops=norm
               measure sample-256-no-norm 120 $C --what=sample --modes=fast --slow-ops=norm ;;
     b512)     measure sample-512 120 $C --what=sample --modes=fast --batch=512 ;;

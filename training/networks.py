@@ -181,21 +181,27 @@ def group_norm_nhwc(x, num_groups, weight, bias, eps):
     """group_norm of a channels-last tensor, with its groups viewed in place rather than copied to NCHW
     (the copy compiled group_norm makes); at least float32 arithmetic, and float32 output under autocast.
 
-    Made for torch.compile, where the two passes over x are kernels limited by their per-element
-    instructions: the statistics are plain sums (no per-element division, as Welford's update has),
+    Made for torch.compile. In inference the two passes over x are kernels limited by their per-element
+    instructions, so the statistics are plain sums (no per-element division, as Welford's update has),
     the variance taken about one value of each group (so that E[d^2] - E[d]^2 does not cancel), and the
-    normalisation is one multiply-add per element with a scale and shift stored per image and channel."""
+    normalisation is one multiply-add per element with a scale and shift stored per image and channel.
+    Under autograd the Welford form stays: its compiled backward is the lighter of the two."""
     N, C, H, W = x.shape
     G, cg = num_groups, C // num_groups
     dtype = torch.promote_types(x.dtype, torch.float32)
     xg = x.to(dtype).permute(0, 2, 3, 1).reshape(N, H * W, G, cg)
-    origin = xg[:, :1, :, :1].detach() # the statistics do not depend on it
-    mean = xg.mean(dim=(1, 3), keepdim=True)
-    # x - origin has one use only: with two, inductor may store it whole (in float32) before reducing.
-    var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
-    scale = _stored(torch.rsqrt(var + eps) * weight.to(dtype).reshape(1, 1, G, cg))
-    shift = _stored(bias.to(dtype).reshape(1, 1, G, cg) - mean * scale)
-    y = (xg * scale + shift).reshape(N, H, W, C).permute(0, 3, 1, 2)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+        y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(N, H, W, C).permute(0, 3, 1, 2)
+        y = y * weight.to(dtype).reshape(1, -1, 1, 1) + bias.to(dtype).reshape(1, -1, 1, 1)
+    else:
+        origin = xg[:, :1, :, :1] # the statistics do not depend on it
+        mean = xg.mean(dim=(1, 3), keepdim=True)
+        # x - origin has one use only: with two, inductor may store it whole (in float32) before reducing.
+        var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
+        scale = _stored(torch.rsqrt(var + eps) * weight.to(dtype).reshape(1, 1, G, cg))
+        shift = _stored(bias.to(dtype).reshape(1, 1, G, cg) - mean * scale)
+        y = (xg * scale + shift).reshape(N, H, W, C).permute(0, 3, 1, 2)
     return y if _autocast_enabled(x.device.type) else y.to(x.dtype)
 
 #----------------------------------------------------------------------------
