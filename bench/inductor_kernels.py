@@ -12,6 +12,9 @@ runs the project:
     pip install --no-deps --target /tmp/tritonlib triton
     PYTHONPATH=/tmp/tritonlib python bench/inductor_kernels.py [--what=sample|train] [--batch=4] [--show=tiled]
 
+With --what=train the backward graph is lowered with the forward one, and
+no kernel is compiled at all.
+
 The figures are of the CIFAR-10 DDPM++ network with the fast paths
 (channels-last, bf16 autocast), as `generate.py --compile` and
 `train.py --compile=1` run it. Inductor's internals change between PyTorch
@@ -53,6 +56,17 @@ def capture_triton_kernels():
     triton_codegen.TritonKernel.codegen_kernel = keep
     return sources
 
+def lower_backward_too():
+    """Lower the backward graph together with the forward one, and never compile kernels (the forward
+    graph would otherwise fail to load before the backward is lowered)."""
+    import torch._functorch.config as functorch_config # pylint: disable=import-outside-toplevel
+    import torch._inductor.async_compile as async_compile # pylint: disable=import-outside-toplevel
+    functorch_config.force_non_lazy_backward_lowering = True
+    class NotCompiled:
+        def __getattr__(self, name):
+            raise RuntimeError('kernel not compiled')
+    async_compile.AsyncCompile.triton = lambda self, kernel_name, source_code, device_str='cuda': NotCompiled()
+
 def describe(src):
     """(kind, element count, tiled, loads, stores, divisions, special functions) of one kernel's source."""
     body = src.split('@triton.jit')[1]
@@ -67,7 +81,7 @@ def describe(src):
 #----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--what', help='Inference (sampling) or forward pass of training', type=click.Choice(['sample', 'train']), default='sample', show_default=True)
+@click.option('--what', help='Inference (sampling) or training (forward and backward)', type=click.Choice(['sample', 'train']), default='sample', show_default=True)
 @click.option('--batch', help='Batch size', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--show', help='Print the source of these kernels', type=click.Choice(['none', 'tiled', 'all']), default='none', show_default=True)
 def main(what, batch, show):
@@ -78,6 +92,8 @@ def main(what, batch, show):
         raise click.ClickException('needs the triton package: pip install --no-deps --target DIR triton, then PYTHONPATH=DIR') from None
     from training import networks # pylint: disable=import-outside-toplevel
     sources = capture_triton_kernels()
+    if what == 'train':
+        lower_backward_too()
     torch.backends.mkldnn.enabled = False # inductor's layout decisions as on CUDA
     cfg = CONFIGS['cifar10-ddpmpp']
     net = dnnlib.util.construct_class_by_name(**cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
@@ -89,7 +105,7 @@ def main(what, batch, show):
     compiled = torch.compile(net)
     try:
         with torch.autocast('cpu', dtype=torch.bfloat16), torch.set_grad_enabled(what == 'train'):
-            compiled(x, sigma, labels)
+            compiled(x, sigma, labels, augment_labels=(torch.zeros([batch, 9]) if what == 'train' else None))
     except Exception: # pylint: disable=broad-except
         pass # compiling the kernels fails without a driver; their source is out by then
     if not sources:
