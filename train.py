@@ -324,6 +324,7 @@ def main(**kwargs):
     # Train.
     try:
         training_loop.training_loop(**c, device=device)
+        dist.barrier() # every rank done before the process group goes (gloo may abort a rank torn down mid-exchange)
         dist.finish()
     except (ValueError, IOError, MemoryError) as err:
         raise click.ClickException(str(err)) from None
