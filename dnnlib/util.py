@@ -363,9 +363,7 @@ def _download(url: str, dest: str, num_attempts: int, verbose: bool) -> str:
     from tqdm import tqdm
 
     last_error = None
-    attempts = 0
     for attempt in range(num_attempts):
-        attempts += 1
         try:
             with requests.get(url, stream=True, timeout=(10, 60)) as res:
                 res.raise_for_status()
@@ -398,6 +396,7 @@ def _download(url: str, dest: str, num_attempts: int, verbose: bool) -> str:
             print(f'Retrying {url} ({attempt + 1}/{num_attempts - 1}): {last_error}', file=sys.stderr, flush=True)
     if isinstance(last_error, requests.ConnectionError):
         raise IOError(f'Could not download {url}: the host cannot be reached (offline?): {last_error}')
+    attempts = attempt + 1 # the loop may stop early
     raise IOError(f'Could not download {url} after {attempts} attempt{"s" if attempts > 1 else ""}: {last_error}')
 
 def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: bool = True, return_filename: bool = False, cache: bool = True) -> Any:

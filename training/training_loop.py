@@ -372,13 +372,15 @@ def training_loop(
             # Update weights.
             for g in optimizer.param_groups:
                 g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-            if loss_scale is not None: # float16: a step whose gradients overflowed is skipped
-                stepped = loss_scale.unscale_or_skip(net.parameters())
-                training_stats.report('Loss/skipped_step', 0.0 if stepped else 1.0)
-            if loss_scale is None or stepped:
+            if loss_scale is None:
+                stepped = True
                 for param in net.parameters():
                     if param.grad is not None:
                         torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+            else: # float16: a step whose gradients overflowed is skipped; the others are all finite
+                stepped = loss_scale.unscale_or_skip(net.parameters())
+                training_stats.report('Loss/skipped_step', 0.0 if stepped else 1.0)
+            if stepped:
                 optimizer.step()
 
             # Update EMA.
