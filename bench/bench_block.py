@@ -8,15 +8,15 @@ seconds of compilation rather than minutes.
     python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip] [--code-dir=DIR]
     python bench/bench_block.py --device=cpu --batch=2 --eager      # numerics only
     python bench/bench_block.py --backward                          # training: forward + backward, bf16, no CUDA graphs
-                                                                    # (group_norm_nhwc's Welford form in every variant)
 
 Variants:
   base        UNetBlock as the network runs it: norm0 and the 1x1 skip
               convolution both read the concatenation.
-  welford     base with group_norm_nhwc's earlier inference form: Welford
+  welford     base with group_norm_nhwc as run D measured it: Welford
               statistics (torch.var_mean) and the normalisation recomputing
-              rsqrt(var + eps), weight and bias for every element (the form
-              it keeps under autograd).
+              rsqrt(var + eps), weight and bias for every element; with
+              --backward, autograd's backward of it rather than
+              GroupNormNHWC's.
   split       norm0 of the concatenation taken as two group norms, one per
               half (the groups do not straddle the halves), concatenated
               after the normalisation.
@@ -75,7 +75,7 @@ def block_split(block, x, skip, emb, split_skip):
     return y * block.skip_scale
 
 def group_norm_welford(x, num_groups, weight, bias, eps):
-    """group_norm_nhwc as run D measured it (and as it still computes under autograd)."""
+    """group_norm_nhwc as run D measured it, in inference and under autograd (with autograd's backward)."""
     N, C, H, W = x.shape
     dtype = torch.promote_types(x.dtype, torch.float32)
     xg = x.to(dtype).permute(0, 2, 3, 1).reshape(N, H * W, num_groups, C // num_groups)

@@ -2,7 +2,7 @@
 # The GPU measurements, in priority order, each bounded in time; the log goes
 # to stdout; $OUT gets the merged JSON (results.json) and, packed after each
 # part into one file (artifacts.tgz), the tables of operations and generated code.
-#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [graphs] [b512] [block] [ab] [cdt] [variants] [imagenet] [demo]
+#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [graphs] [b512] [block] [blockbw] [ab] [cdt] [variants] [imagenet] [demo]
 # Parts:
 #   warm      compile the compiled measurements of sample, train, graphs and b512 at once, in parallel
 #             processes, so that the measurements that follow load their kernels from the compiler cache
@@ -10,6 +10,7 @@
 #   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
 #   graphs    CIFAR-10 DDPM++ training, batch 512, fast with the compiled network replayed as CUDA graphs
 #   block     two 32x32 decoder blocks alone, in variants (bench_block.py), with their generated code and kernels
+#   blockbw   the same blocks' training step (forward + backward): GroupNormNHWC's backward against autograd's (welford)
 #   ab        the fast modes with the in-place group statistics off (--slow-ops=norm), against the rows above
 #   b512      fast sampling at batch 512
 #   cdt       coordinate-descent tuning of the kernels for sampling (block sizes and warps of each Triton kernel)
@@ -68,6 +69,7 @@ for part in "$@"; do
     train)    measure train-512 180 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$WORK" ;;
     graphs)   measure train-512-graphs 180 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$WORK/graphs" ;;
     block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$WORK/block" ;;
+    blockbw)  echo "== blockbw"; timeout 240 $PY bench/bench_block.py --backward --batch=512 --variants=base,welford --code-dir="$WORK/blockbw" ;;
     ab)       measure train-512-no-norm 120 $C --what=train --modes=fast --iters=5 --slow-ops=norm
               measure sample-256-no-norm 120 $C --what=sample --modes=fast --slow-ops=norm ;;
     b512)     measure sample-512 120 $C --what=sample --modes=fast --batch=512 ;;

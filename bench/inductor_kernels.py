@@ -54,7 +54,17 @@ def capture_triton_kernels():
         sources.append(src)
         return src
     triton_codegen.TritonKernel.codegen_kernel = keep
+    as_on_cuda()
     return sources
+
+def as_on_cuda():
+    """Take inductor's CUDA heuristics rather than its CPU ones: CPU buffers reused by several kernels are
+    stored once more eagerly (always when they involve exp or sigmoid, and at other operation and read
+    counts), and CPU kernels are never fused by reordering their loops."""
+    import torch._inductor.ir as ir # pylint: disable=import-outside-toplevel
+    import torch._inductor.scheduler as scheduler # pylint: disable=import-outside-toplevel
+    ir.is_cpu = lambda node: False # only these heuristics ask it
+    scheduler.BaseSchedulerNode.is_cpu = lambda self: False
 
 def lower_backward_too():
     """Lower the backward graph together with the forward one, and never compile kernels (the forward

@@ -316,6 +316,38 @@ def test_pooled_resampling_equals_depthwise_convolution():
         conv.pool_resample = True
         assert torch.allclose(conv(x), expected, rtol=0, atol=1e-15) and conv(x).shape == expected.shape
 
+def test_channels_last_group_norm_gradients_equal_group_norm():
+    # The handwritten backward of the in-place statistics against autograd's group_norm, in float64.
+    x = torch.randn([3, 32, 5, 7], dtype=torch.float64).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn([32], dtype=torch.float64), torch.randn([32], dtype=torch.float64)
+    dy = torch.randn([3, 32, 5, 7], dtype=torch.float64)
+    for weight_grad in [True, False]:
+        grads = []
+        for fn in [networks.group_norm_nhwc, lambda x, G, w, b, eps: torch.nn.functional.group_norm(x, G, w, b, eps)]:
+            inputs = [x.detach().requires_grad_(), weight.detach().requires_grad_(weight_grad), bias.detach().requires_grad_(weight_grad)]
+            fn(inputs[0], 8, inputs[1], inputs[2], 1e-5).backward(dy)
+            grads.append([t.grad for t in inputs])
+        assert torch.allclose(grads[0][0], grads[1][0], rtol=0, atol=1e-12)
+        assert grads[0][0].is_contiguous(memory_format=torch.channels_last)
+        if weight_grad:
+            assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads[0][1:], grads[1][1:]))
+        else:
+            assert grads[0][1] is None and grads[0][2] is None
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_nearest_upsampling_gradient_equals_interpolate(channels_last):
+    x = torch.randn([2, 6, 4, 5], dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn([2, 6, 8, 10], dtype=torch.float64)
+    a, b = x.detach().requires_grad_(), x.detach().requires_grad_()
+    y = networks.upsample_nearest2x(a)
+    y_ref = torch.nn.functional.interpolate(b, scale_factor=2, mode='nearest')
+    assert torch.equal(y, y_ref) and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-12)
+
 #----------------------------------------------------------------------------
 # Precision and memory layout.
 

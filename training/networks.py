@@ -108,7 +108,7 @@ class Conv2d(torch.nn.Module):
             x = torch.nn.functional.conv2d(x, f.tile([c_out, 1, 1, 1]), groups=c_out, stride=2)
         elif self.pool_resample: # the same values as the depthwise convolutions below with the [1,1] filter
             if self.up:
-                x = torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
+                x = upsample_nearest2x(x)
             if self.down:
                 x = torch.nn.functional.avg_pool2d(x, 2)
             if w is not None:
@@ -123,6 +123,18 @@ class Conv2d(torch.nn.Module):
         if b is not None:
             x = x.add_(b.reshape(1, -1, 1, 1))
         return x
+
+def upsample_nearest2x(x):
+    """Nearest-neighbour upsampling by 2. Under autograd, as a broadcast of each pixel to its 2x2 block,
+    whose gradient is a sum over the block: compiled, interpolate's gradient is a scatter with atomic
+    additions into a zero-filled NCHW buffer. In inference interpolate fuses with its producer."""
+    if not x.requires_grad:
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
+    N, C, H, W = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        x = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(N, H, 2, W, 2, C)
+        return x.reshape(N, 2 * H, 2 * W, C).permute(0, 3, 1, 2)
+    return x[:, :, :, None, :, None].expand(N, C, H, 2, W, 2).reshape(N, C, 2 * H, 2 * W)
 
 #----------------------------------------------------------------------------
 # Group normalisation with a cap on the number of groups.
@@ -177,6 +189,48 @@ def cat_skip(x, skip):
     channels-last layout, and otherwise writes it NCHW and transposes it back for the convolutions."""
     return torch.cat([_keep_layout(x), _keep_layout(skip)], dim=1)
 
+def _groups(t, G):
+    """[N, H*W, G, C/G] view of a channels-last [N, C, H, W] tensor."""
+    N, C, H, W = t.shape
+    return t.permute(0, 2, 3, 1).reshape(N, H * W, G, C // G)
+
+def _ungroup(t, shape):
+    """Inverse of _groups: [N, C, H, W] in channels-last layout."""
+    N, C, H, W = shape
+    return t.reshape(N, H, W, C).permute(0, 3, 1, 2)
+
+class GroupNormNHWC(torch.autograd.Function):
+    """group_norm_nhwc under autograd, with a backward written for the compiler: the gradient's sums are
+    taken per image and channel over the pixels (one reduction pass for the weight, bias and group sums),
+    then the input's gradient in one pointwise pass. Autograd's own backward of the same forward takes
+    three reduction passes over the activations and recomputes the group means in a fourth."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, G, eps):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xg = _groups(x.to(dtype), G)
+        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        y = (xg - mean) * rstd * weight.to(dtype).reshape(G, -1) + bias.to(dtype).reshape(G, -1)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.G = G
+        return _ungroup(y, x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        G = ctx.G
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xhat = (_groups(x.to(dtype), G) - mean) * rstd
+        dyg = _groups(dy.to(dtype), G)
+        w = weight.to(dtype).reshape(G, -1)
+        # Sums over the pixels of dy and dy * xhat, [N, 2, G, C/G]; with dxhat = dy * w, their means per group.
+        sums = torch.cat([dyg.sum(dim=1, keepdim=True), (dyg * xhat).sum(dim=1, keepdim=True)], dim=1)
+        means = (sums * w).sum(dim=3, keepdim=True) / (dyg.shape[1] * dyg.shape[3])
+        dx = _ungroup(rstd * (dyg * w - means[:, :1] - xhat * means[:, 1:]), x.shape).to(x.dtype)
+        dbias, dweight = sums.sum(dim=0).reshape(2, -1).to(weight.dtype).unbind(0)
+        return dx, dweight, dbias, None, None
+
 def group_norm_nhwc(x, num_groups, weight, bias, eps):
     """group_norm of a channels-last tensor, with its groups viewed in place rather than copied to NCHW
     (the copy compiled group_norm makes); at least float32 arithmetic, and float32 output under autocast.
@@ -185,23 +239,21 @@ def group_norm_nhwc(x, num_groups, weight, bias, eps):
     instructions, so the statistics are plain sums (no per-element division, as Welford's update has),
     the variance taken about one value of each group (so that E[d^2] - E[d]^2 does not cancel), and the
     normalisation is one multiply-add per element with a scale and shift stored per image and channel.
-    Under autograd the Welford form stays: its compiled backward is the lighter of the two."""
-    N, C, H, W = x.shape
-    G, cg = num_groups, C // num_groups
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    xg = x.to(dtype).permute(0, 2, 3, 1).reshape(N, H * W, G, cg)
+    Under autograd the Welford form stays (its compiled backward is the lighter of the two), with the
+    backward of GroupNormNHWC."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
-        y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(N, H, W, C).permute(0, 3, 1, 2)
-        y = y * weight.to(dtype).reshape(1, -1, 1, 1) + bias.to(dtype).reshape(1, -1, 1, 1)
+        y = GroupNormNHWC.apply(x, weight, bias, num_groups, eps)
     else:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xg = _groups(x.to(dtype), num_groups)
+        G, cg = num_groups, xg.shape[3]
         origin = xg[:, :1, :, :1] # the statistics do not depend on it
         mean = xg.mean(dim=(1, 3), keepdim=True)
         # x - origin has one use only: with two, inductor may store it whole (in float32) before reducing.
         var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
         scale = _stored(torch.rsqrt(var + eps) * weight.to(dtype).reshape(1, 1, G, cg))
         shift = _stored(bias.to(dtype).reshape(1, 1, G, cg) - mean * scale)
-        y = (xg * scale + shift).reshape(N, H, W, C).permute(0, 3, 1, 2)
+        y = _ungroup(xg * scale + shift, x.shape)
     return y if _autocast_enabled(x.device.type) else y.to(x.dtype)
 
 #----------------------------------------------------------------------------
@@ -245,6 +297,21 @@ def attention(q, k, v, use_sdpa=False):
         return a.squeeze(1).transpose(1, 2)
     w = AttentionOp.apply(q, k)
     return torch.einsum('nqk,nck->ncq', w, v)
+
+def attention_heads(qkv, num_heads, use_sdpa=False):
+    """Self-attention of each head of `qkv` [N, 3*C, H, W], whose channels are ordered (head, channel
+    within head, q|k|v); returns [N, C, H, W] with channels ordered (head, channel)."""
+    N, C, H, W = qkv.shape[0], qkv.shape[1] // 3, qkv.shape[2], qkv.shape[3]
+    if not use_sdpa:
+        q, k, v = qkv.reshape(N * num_heads, C // num_heads, 3, H * W).unbind(2)
+        return attention(q, k, v).reshape(N, C, H, W)
+    # Pixel-major [N, L, heads, C/heads] tensors, a view of channels-last qkv: the gradients then
+    # assemble into qkv's own layout (not NCHW and transposed for its convolution), and the output is
+    # a channels-last view. SDPA takes them as [N, heads, L, C/heads] with contiguous channels.
+    q, k, v = (t.contiguous().transpose(1, 2) for t in qkv.permute(0, 2, 3, 1).reshape(N, H * W, num_heads, C // num_heads, 3).unbind(4))
+    with _autocast_off(q.device):
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return a.transpose(1, 2).reshape(N, H, W, C).permute(0, 3, 1, 2)
 
 #----------------------------------------------------------------------------
 # U-Net block: residual block with optional up/down-sampling and
@@ -314,10 +381,7 @@ class UNetBlock(torch.nn.Module):
         x = x * self.skip_scale
 
         if self.num_heads:
-            # qkv channels are ordered (head, channel within head, q|k|v).
-            q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            a = attention(q, k, v, use_sdpa=self.use_sdpa)
-            x = self.proj(a.reshape(*x.shape)).add_(x)
+            x = self.proj(attention_heads(self.qkv(self.norm2(x)), self.num_heads, use_sdpa=self.use_sdpa)).add_(x)
             x = x * self.skip_scale
         return _keep_layout(x) # compiled: in the layout of the convolutions, which it feeds
 
