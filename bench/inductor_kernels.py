@@ -1,6 +1,8 @@
 """List the Triton kernels that torch.compile generates for a network, on a
 machine without a GPU: loads, stores, divisions and special functions per
-kernel, and the transposing (2-D tiled) kernels that mean a layout change.
+kernel, the transposing (2-D tiled) kernels that mean a layout change, and per
+graph the kernel launches and the bytes of activation-sized buffers they
+read or write.
 
 Inductor writes Triton source before it compiles it. With its Triton CPU
 backend selected, the source is generated as for a GPU; compiling it then
@@ -27,6 +29,7 @@ import re
 import sys
 
 import click
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +91,52 @@ def describe(src):
     return (kind, count, 'ynumel' in numel, body.count('tl.load('), body.count('tl.store('),
             len(re.findall(r' / ', body)), len(re.findall(r'libdevice\.\w+', body)))
 
+def capture_wrapper_code():
+    """Return the list that the wrapper code of every compiled graph (forward, then backward) is appended to."""
+    import torch._inductor.graph as inductor_graph # pylint: disable=import-outside-toplevel
+    codes = []
+    codegen = inductor_graph.GraphLowering.codegen
+    def keep(self, *args, **kwargs):
+        result = codegen(self, *args, **kwargs)
+        code = result[0] if isinstance(result, tuple) else result
+        codes.append(getattr(code, 'value', code))
+        return result
+    inductor_graph.GraphLowering.codegen = keep
+    return codes
+
+BYTES = dict(float64=8, float32=4, bfloat16=2, float16=2, int64=8, int32=4, bool=1, int8=1, uint8=1)
+
+def launch_traffic(code, min_elements):
+    """(Triton launches, other launches, bytes) of one graph's wrapper code: the bytes of the
+    activation-sized buffers (at least min_elements) that each Triton launch reads or writes, each once
+    (twice for a buffer both read and written). Graph inputs and the outputs of extern kernels (whose
+    dtypes the wrapper does not state) count 2 bytes per element."""
+    kernels = re.findall(r"(\w+) = async_compile\.triton\('\w+', '''(.*?)'''", code, re.S)
+    signatures = {name: re.findall(r'(\w+_ptr\d+)', src.split('@triton.jit')[-1].split('):')[0]) for name, src in kernels}
+    buffers = {} # name -> (elements, bytes per element)
+    triton = other = total = 0
+    for line in code.splitlines():
+        line = line.strip()
+        if line.startswith('#'):
+            continue
+        if m := re.match(r'(\w+) = empty_strided_\w+\((\([^)]*\)), \([^)]*\), torch\.(\w+)', line):
+            buffers[m[1]] = (int(np.prod(eval(m[2]))), BYTES.get(m[3], 2)) # pylint: disable=eval-used
+        elif m := re.match(r'assert_size_stride\((\w+), (\([^)]*\)), ', line): # an input or an extern kernel's output
+            buffers.setdefault(m[1], (int(np.prod(eval(m[2]))), 2)) # pylint: disable=eval-used
+        elif m := re.match(r'(\w+) = reinterpret_tensor\((\w+), (\([^)]*\))', line):
+            buffers[m[1]] = (int(np.prod(eval(m[3]))), buffers.get(m[2], (0, 2))[1]) # pylint: disable=eval-used
+        elif m := re.match(r'(\w+) = (\w+); del \w+  # reuse', line):
+            buffers[m[1]] = buffers.get(m[2], (0, 2))
+        elif m := re.match(r'(triton_\w+)\.run\((.*)\)$', line):
+            triton += 1
+            for param, arg in zip(signatures.get(m[1], []), m[2].split(', ')):
+                elements, size = buffers.get(arg, (0, 0))
+                if elements >= min_elements:
+                    total += elements * size * (2 if param.startswith('in_out') else 1)
+        elif 'extern_kernels.' in line or re.search(r'= torch\.ops\.aten\.\w+\.\w+\(', line):
+            other += 1
+    return triton, other, total
+
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -102,6 +151,7 @@ def main(what, batch, show):
         raise click.ClickException('needs the triton package: pip install --no-deps --target DIR triton, then PYTHONPATH=DIR') from None
     from training import networks # pylint: disable=import-outside-toplevel
     sources = capture_triton_kernels()
+    codes = capture_wrapper_code()
     if what == 'train':
         lower_backward_too()
     torch.backends.mkldnn.enabled = False # inductor's layout decisions as on CUDA
@@ -129,6 +179,11 @@ def main(what, batch, show):
     table = collections.Counter(r for r in rows if r[1] >= activation)
     for (kind, count, tiled, loads, stores, divs, special), n in sorted(table.items(), key=lambda item: -item[0][1] * item[1]):
         print(f'{n:5d}  {kind:10s} {count:9d} {str(tiled):>5} {loads:5d} {stores:6d} {divs:3d} {special:7d}')
+    names = ['inference'] if what == 'sample' else ['forward', 'backward']
+    for name, code in zip(names, codes):
+        triton_launches, other_launches, total = launch_traffic(code, min_elements=batch * 128 * 8 * 8)
+        print(f'{name} graph: {triton_launches} Triton launches, {other_launches} others; '
+              f'activation-sized buffers read or written: {total / 1e6:.1f} MB')
     for src, row in zip(sources, rows):
         if show == 'all' or (show == 'tiled' and row[2]):
             print('\n' + src.split('@triton.jit')[1].strip())
