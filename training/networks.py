@@ -199,6 +199,19 @@ def _ungroup(t, shape):
     N, C, H, W = shape
     return t.reshape(N, H, W, C).permute(0, 3, 1, 2)
 
+def _normalize(x, G, weight, bias, eps):
+    """(y, mean, rstd) of group_norm_nhwc: y at least float32, mean and rstd [N, 1, G, 1]."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xg = _groups(x.to(dtype), G)
+    origin = xg[:, :1, :, :1] # the statistics do not depend on it
+    mean = xg.mean(dim=(1, 3), keepdim=True)
+    # x - origin has one use only: with two, inductor may store it whole (in float32) before reducing.
+    var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
+    rstd = torch.rsqrt(var + eps)
+    scale = _stored(rstd * weight.to(dtype).reshape(G, -1))
+    shift = _stored(bias.to(dtype).reshape(G, -1) - mean * scale)
+    return _ungroup(xg * scale + shift, x.shape), mean, rstd
+
 class GroupNormNHWC(torch.autograd.Function):
     """group_norm_nhwc under autograd, with a backward written for the compiler: the gradient's sums are
     taken per image and channel over the pixels (one reduction pass for the weight, bias and group sums),
@@ -207,14 +220,10 @@ class GroupNormNHWC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, G, eps):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        xg = _groups(x.to(dtype), G)
-        var, mean = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + eps)
-        y = (xg - mean) * rstd * weight.to(dtype).reshape(G, -1) + bias.to(dtype).reshape(G, -1)
+        y, mean, rstd = _normalize(x, G, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.G = G
-        return _ungroup(y, x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -235,25 +244,15 @@ def group_norm_nhwc(x, num_groups, weight, bias, eps):
     """group_norm of a channels-last tensor, with its groups viewed in place rather than copied to NCHW
     (the copy compiled group_norm makes); at least float32 arithmetic, and float32 output under autocast.
 
-    Made for torch.compile. In inference the two passes over x are kernels limited by their per-element
-    instructions, so the statistics are plain sums (no per-element division, as Welford's update has),
-    the variance taken about one value of each group (so that E[d^2] - E[d]^2 does not cancel), and the
-    normalisation is one multiply-add per element with a scale and shift stored per image and channel.
-    Under autograd the Welford form stays (its compiled backward is the lighter of the two), with the
-    backward of GroupNormNHWC."""
+    Made for torch.compile. The two passes over x are kernels limited by their per-element instructions,
+    so the statistics are plain sums (no per-element division, as Welford's update has), the variance
+    taken about one value of each group (so that E[d^2] - E[d]^2 does not cancel), and the normalisation
+    is one multiply-add per element with a scale and shift stored per image and channel. Under autograd
+    the backward is GroupNormNHWC's (autograd's own, of this form, is much heavier)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         y = GroupNormNHWC.apply(x, weight, bias, num_groups, eps)
     else:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        xg = _groups(x.to(dtype), num_groups)
-        G, cg = num_groups, xg.shape[3]
-        origin = xg[:, :1, :, :1] # the statistics do not depend on it
-        mean = xg.mean(dim=(1, 3), keepdim=True)
-        # x - origin has one use only: with two, inductor may store it whole (in float32) before reducing.
-        var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
-        scale = _stored(torch.rsqrt(var + eps) * weight.to(dtype).reshape(1, 1, G, cg))
-        shift = _stored(bias.to(dtype).reshape(1, 1, G, cg) - mean * scale)
-        y = _ungroup(xg * scale + shift, x.shape)
+        y = _normalize(x, num_groups, weight, bias, eps)[0]
     return y if _autocast_enabled(x.device.type) else y.to(x.dtype)
 
 #----------------------------------------------------------------------------
