@@ -301,9 +301,9 @@ def attention_heads(qkv, num_heads, use_sdpa=False):
     """Self-attention of each head of `qkv` [N, 3*C, H, W], whose channels are ordered (head, channel
     within head, q|k|v); returns [N, C, H, W] with channels ordered (head, channel)."""
     N, C, H, W = qkv.shape[0], qkv.shape[1] // 3, qkv.shape[2], qkv.shape[3]
-    if not use_sdpa:
+    if not (use_sdpa and qkv.is_contiguous(memory_format=torch.channels_last)):
         q, k, v = qkv.reshape(N * num_heads, C // num_heads, 3, H * W).unbind(2)
-        return attention(q, k, v).reshape(N, C, H, W)
+        return attention(q, k, v, use_sdpa=use_sdpa).reshape(N, C, H, W)
     # Pixel-major [N, L, heads, C/heads] tensors, a view of channels-last qkv: the gradients then
     # assemble into qkv's own layout (not NCHW and transposed for its convolution), and the output is
     # a channels-last view. SDPA takes them as [N, heads, L, C/heads] with contiguous channels.
