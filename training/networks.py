@@ -307,7 +307,8 @@ def attention_heads(qkv, num_heads, use_sdpa=False):
     # Pixel-major [N, L, heads, C/heads] tensors, a view of channels-last qkv: the gradients then
     # assemble into qkv's own layout (not NCHW and transposed for its convolution), and the output is
     # a channels-last view. SDPA takes them as [N, heads, L, C/heads] with contiguous channels.
-    q, k, v = (t.contiguous().transpose(1, 2) for t in qkv.permute(0, 2, 3, 1).reshape(N, H * W, num_heads, C // num_heads, 3).unbind(4))
+    heads = qkv.permute(0, 2, 3, 1).reshape(N, H * W, num_heads, C // num_heads, 3)
+    q, k, v = (t.contiguous().transpose(1, 2) for t in heads.unbind(4))
     with _autocast_off(q.device):
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     return a.transpose(1, 2).reshape(N, H, W, C).permute(0, 3, 1, 2)
