@@ -334,6 +334,13 @@ def test_channels_last_group_norm_gradients_equal_group_norm():
         else:
             assert grads[0][1] is None and grads[0][2] is None
 
+def test_convolution_adds_a_term_with_its_bias():
+    for bias in [True, False]:
+        conv = networks.Conv2d(in_channels=4, out_channels=6, kernel=3, bias=bias, init_bias=1).to(torch.float64)
+        x = torch.randn([2, 4, 5, 5], dtype=torch.float64)
+        add = torch.randn([2, 6, 1, 1], dtype=torch.float64)
+        assert torch.allclose(conv(x, add=add), conv(x) + add, rtol=0, atol=1e-12)
+
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_nearest_upsampling_gradient_equals_interpolate(channels_last):
     x = torch.randn([2, 6, 4, 5], dtype=torch.float64)
