@@ -11,7 +11,8 @@
 #   graphs    CIFAR-10 DDPM++ training, batch 512, fast with the compiled network replayed as CUDA graphs
 #   block     two 32x32 decoder blocks alone, in variants (bench_block.py), with their generated code and kernels
 #   blockbw   the same blocks' training step (forward + backward): GroupNormNHWC's backward against autograd's (welford)
-#   ab        the fast modes with the in-place group statistics off (--slow-ops=norm), against the rows above
+#   ab        the fast modes with the in-place group statistics off (--slow-ops=norm; also GroupNormNHWC and
+#             the combined bias term of norm1's input), against the rows above
 #   b512      fast sampling at batch 512
 #   cdt       coordinate-descent tuning of the kernels for sampling (block sizes and warps of each Triton kernel)
 #   variants  coordinate-descent tuning of the kernels for sampling and training
