@@ -416,7 +416,9 @@ def set_fast_paths(net, enabled=True, ops=FAST_OPS):
     fast ones, which compute the same function: SDPA attention ('attention'),
     average pooling / nearest upsampling for the [1,1] resampling filter in
     place of depthwise (transposed) convolutions ('pool'), and group
-    statistics taken in place on channels-last inputs ('norm'). `ops` limits
+    statistics taken in place on channels-last inputs ('norm'; with it, the
+    blocks without adaptive scale add conv0's bias and the embedding's shift
+    as one term). `ops` limits
     the switch to some of them. Returns the number of modules changed."""
     unknown = set(ops) - set(FAST_OPS)
     if unknown:
