@@ -418,8 +418,8 @@ def set_fast_paths(net, enabled=True, ops=FAST_OPS):
     place of depthwise (transposed) convolutions ('pool'), and group
     statistics taken in place on channels-last inputs ('norm'; with it, the
     blocks without adaptive scale add conv0's bias and the embedding's shift
-    as one term). `ops` limits
-    the switch to some of them. Returns the number of modules changed."""
+    as one term). `ops` limits the switch to some of them. Returns the number
+    of modules changed."""
     unknown = set(ops) - set(FAST_OPS)
     if unknown:
         raise ValueError(f'unknown fast operations {sorted(unknown)}: expected some of {", ".join(FAST_OPS)}')
