@@ -23,6 +23,7 @@ The figures are of the CIFAR-10 DDPM++ network with the fast paths
 releases; this script follows 2.13.
 """
 
+import ast
 import collections
 import os
 import re
@@ -91,19 +92,6 @@ def describe(src):
     return (kind, count, 'ynumel' in numel, body.count('tl.load('), body.count('tl.store('),
             len(re.findall(r' / ', body)), len(re.findall(r'libdevice\.\w+', body)))
 
-def capture_wrapper_code():
-    """Return the list that the wrapper code of every compiled graph (forward, then backward) is appended to."""
-    import torch._inductor.graph as inductor_graph # pylint: disable=import-outside-toplevel
-    codes = []
-    codegen = inductor_graph.GraphLowering.codegen
-    def keep(self, *args, **kwargs):
-        result = codegen(self, *args, **kwargs)
-        code = result[0] if isinstance(result, tuple) else result
-        codes.append(getattr(code, 'value', code))
-        return result
-    inductor_graph.GraphLowering.codegen = keep
-    return codes
-
 BYTES = dict(float64=8, float32=4, bfloat16=2, float16=2, int64=8, int32=4, bool=1, int8=1, uint8=1)
 
 def launch_traffic(code, min_elements):
@@ -120,11 +108,11 @@ def launch_traffic(code, min_elements):
         if line.startswith('#'):
             continue
         if m := re.match(r'(\w+) = empty_strided_\w+\((\([^)]*\)), \([^)]*\), torch\.(\w+)', line):
-            buffers[m[1]] = (int(np.prod(eval(m[2]))), BYTES.get(m[3], 2)) # pylint: disable=eval-used
+            buffers[m[1]] = (int(np.prod(ast.literal_eval(m[2]))), BYTES.get(m[3], 2))
         elif m := re.match(r'assert_size_stride\((\w+), (\([^)]*\)), ', line): # an input or an extern kernel's output
-            buffers.setdefault(m[1], (int(np.prod(eval(m[2]))), 2)) # pylint: disable=eval-used
+            buffers.setdefault(m[1], (int(np.prod(ast.literal_eval(m[2]))), 2))
         elif m := re.match(r'(\w+) = reinterpret_tensor\((\w+), (\([^)]*\))', line):
-            buffers[m[1]] = (int(np.prod(eval(m[3]))), buffers.get(m[2], (0, 2))[1]) # pylint: disable=eval-used
+            buffers[m[1]] = (int(np.prod(ast.literal_eval(m[3]))), buffers.get(m[2], (0, 2))[1])
         elif m := re.match(r'(\w+) = (\w+); del \w+  # reuse', line):
             buffers[m[1]] = buffers.get(m[2], (0, 2))
         elif m := re.match(r'(triton_\w+)\.run\((.*)\)$', line):
@@ -150,8 +138,8 @@ def main(what, batch, show):
     except ImportError:
         raise click.ClickException('needs the triton package: pip install --no-deps --target DIR triton, then PYTHONPATH=DIR') from None
     from training import networks # pylint: disable=import-outside-toplevel
+    from torch._inductor.utils import run_and_get_code # pylint: disable=import-outside-toplevel
     sources = capture_triton_kernels()
-    codes = capture_wrapper_code()
     if what == 'train':
         lower_backward_too()
     torch.backends.mkldnn.enabled = False # inductor's layout decisions as on CUDA
@@ -163,11 +151,13 @@ def main(what, batch, show):
     sigma = torch.ones([batch])
     labels = torch.eye(cfg['label_dim'])[torch.arange(batch) % cfg['label_dim']]
     compiled = torch.compile(net)
-    try:
-        with torch.autocast('cpu', dtype=torch.bfloat16), torch.set_grad_enabled(what == 'train'):
-            compiled(x, sigma, labels, augment_labels=(torch.zeros([batch, 9]) if what == 'train' else None))
-    except Exception: # pylint: disable=broad-except
-        pass # compiling the kernels fails without a driver; their source is out by then
+    def run():
+        try:
+            with torch.autocast('cpu', dtype=torch.bfloat16), torch.set_grad_enabled(what == 'train'):
+                compiled(x, sigma, labels, augment_labels=(torch.zeros([batch, 9]) if what == 'train' else None))
+        except Exception: # pylint: disable=broad-except
+            pass # compiling the kernels fails without a driver; their source is out by then
+    _, codes = run_and_get_code(run) # the wrapper code of each graph: forward, then backward
     if not sources:
         raise click.ClickException('no Triton kernel was generated: this PyTorch release is not the one this script follows')
 
