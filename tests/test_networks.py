@@ -293,6 +293,26 @@ def test_fast_paths_reproduce_fixture(name, channels_last):
     assert not any(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
     assert not any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock')
 
+@pytest.mark.parametrize('name', ['net-edm-ddpmpp-cond-aug', 'net-edm-adm-uncond-aug', 'net-ve-ncsnpp-uncond-gray'])
+def test_fast_paths_compile_as_one_graph(name):
+    # A graph break splits torch.compile's graph (and the sampler's CUDA graph) and runs the rest eagerly.
+    d = load_fixture(name)
+    net, _ = build_net(d)
+    networks.set_fast_paths(net)
+    net = net.to(memory_format=torch.channels_last)
+    x, sigma, labels, kwargs = net_inputs(d)
+    x = x.to(memory_format=torch.channels_last)
+    def forward(x, sigma):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            return net(x, sigma, labels, **kwargs)
+    for training in [True, False]: # with GroupNormNHWC and the autograd forms, then the inference forms
+        net.train(training).requires_grad_(training)
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(training):
+            explained = torch._dynamo.explain(forward)(x, sigma)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+
 def test_fast_paths_switch_the_operations_asked_for():
     d = load_fixture('net-edm-ddpmpp-cond-aug')
     net, _ = build_net(d)

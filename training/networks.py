@@ -165,17 +165,15 @@ class GroupNorm(torch.nn.Module):
             return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
 
-def _autocast_enabled(device_type):
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError: # torch < 2.4
+# Both chosen once, at import: dynamo in torch 2.1 cannot trace a try/except around the older calls.
+try:
+    torch.is_autocast_enabled('cpu')
+    _autocast_enabled = torch.is_autocast_enabled
+except TypeError: # torch < 2.4: no device argument
+    def _autocast_enabled(device_type):
         return torch.is_autocast_enabled() if device_type == 'cuda' else torch.is_autocast_cpu_enabled()
 
-def _is_compiling():
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError: # torch < 2.3
-        return torch._dynamo.is_compiling() # pylint: disable=protected-access
+_is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling # pylint: disable=protected-access # torch < 2.3
 
 def _stored(t):
     """`t` itself; under torch.compile, stored once in memory in its own layout rather than recomputed
@@ -204,9 +202,13 @@ def _ungroup(t, shape):
     N, C, H, W = shape
     return t.reshape(N, H, W, C).permute(0, 3, 1, 2)
 
+def _at_least_float32(dtype):
+    """torch.promote_types(dtype, torch.float32), in a form dynamo traces in torch 2.1 too."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 def _normalize(x, G, weight, bias, eps):
     """(y, mean, rstd) of group_norm_nhwc: y at least float32, mean and rstd [N, 1, G, 1]."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = _at_least_float32(x.dtype)
     xg = _groups(x.to(dtype), G)
     origin = xg[:, :1, :, :1] # the statistics do not depend on it
     mean = xg.mean(dim=(1, 3), keepdim=True)
@@ -234,7 +236,7 @@ class GroupNormNHWC(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         G = ctx.G
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = _at_least_float32(x.dtype)
         xhat = (_groups(x.to(dtype), G) - mean) * rstd
         dyg = _groups(dy.to(dtype), G)
         w = weight.to(dtype).reshape(G, -1)
@@ -295,7 +297,7 @@ def attention(q, k, v, use_sdpa=False):
     """Multi-head attention on [N*heads, C, L] tensors; returns a[n, c, i]."""
     if use_sdpa:
         # [N*heads, 1, L, C] with contiguous channels, as the fused kernels need (otherwise SDPA runs float32 math).
-        q, k, v = (t.transpose(1, 2).unsqueeze(1).contiguous() for t in (q, k, v.to(q.dtype)))
+        q, k, v = [t.transpose(1, 2).unsqueeze(1).contiguous() for t in (q, k, v.to(q.dtype))]
         with _autocast_off(q.device):
             a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return a.squeeze(1).transpose(1, 2)
@@ -313,7 +315,7 @@ def attention_heads(qkv, num_heads, use_sdpa=False):
     # assemble into qkv's own layout (not NCHW and transposed for its convolution), and the output is
     # a channels-last view. SDPA takes them as [N, heads, L, C/heads] with contiguous channels.
     heads = qkv.permute(0, 2, 3, 1).reshape(N, H * W, num_heads, C // num_heads, 3)
-    q, k, v = (t.contiguous().transpose(1, 2) for t in heads.unbind(4))
+    q, k, v = [t.contiguous().transpose(1, 2) for t in heads.unbind(4)]
     with _autocast_off(q.device):
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     return a.transpose(1, 2).reshape(N, H, W, C).permute(0, 3, 1, 2)
