@@ -4,6 +4,7 @@ NCCL on CUDA, gloo on the CPU."""
 import atexit
 import os
 import sys
+import time
 
 import torch
 
@@ -55,6 +56,10 @@ def init(device=None):
 def finish():
     """Destroy the process group, if any; the scripts call it when they end normally (idempotent; with gloo also at exit)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == 'gloo':
+            # gloo's worker threads may still hold the last collective's tensors, and need the GIL to free
+            # them; PyTorch 2.1's ProcessGroupGloo destructor joins them while holding it (a deadlock).
+            time.sleep(0.05)
         torch.distributed.destroy_process_group()
 
 #----------------------------------------------------------------------------
