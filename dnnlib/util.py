@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import types
@@ -18,6 +19,8 @@ import urllib.parse
 import uuid
 
 from typing import Any, List, Optional, Tuple, Union
+
+import psutil
 
 #----------------------------------------------------------------------------
 # Attribute dict.
@@ -399,6 +402,21 @@ def _download(url: str, dest: str, num_attempts: int, verbose: bool) -> str:
     attempts = attempt + 1 # the loop may stop early
     raise IOError(f'Could not download {url} after {attempts} attempt{"s" if attempts > 1 else ""}: {last_error}')
 
+def _download_prefix() -> str:
+    """Names of temporary downloads: .download-HOST-PID-UUID (streamed into by _download through
+    ..download-HOST-PID-UUID.tmp-XXXXXXXX)."""
+    return '.download-' + re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname()) + '-'
+
+def _remove_stale_downloads(cache_dir: str) -> None:
+    """Delete the temporary files of downloads on this host whose process no longer runs (killed by
+    SIGKILL or a power cut); those of other hosts sharing the folder, and of live processes, stay."""
+    pattern = r'\.?' + re.escape(_download_prefix()) + r'(\d+)-[0-9a-f]{32}(\.tmp-[0-9a-f]{8})?'
+    for name in os.listdir(cache_dir):
+        match = re.fullmatch(pattern, name)
+        if match and not psutil.pid_exists(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(cache_dir, name))
+
 def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: bool = True, return_filename: bool = False, cache: bool = True) -> Any:
     """Open a local path, a file:// URL or an http(s) URL (downloaded once into the cache).
     Returns a binary file object, or the local file name with return_filename=True."""
@@ -433,7 +451,8 @@ def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: b
 
     # Download into a temporary file in the cache folder, then rename into place.
     os.makedirs(cache_dir, exist_ok=True)
-    download_file = os.path.join(cache_dir, f'.download-{uuid.uuid4().hex}')
+    _remove_stale_downloads(cache_dir)
+    download_file = os.path.join(cache_dir, f'{_download_prefix()}{os.getpid()}-{uuid.uuid4().hex}')
     try:
         file_name = _download(url, download_file, num_attempts=num_attempts, verbose=verbose)
         if not cache:

@@ -4,12 +4,16 @@ import gzip as gzlib
 import hashlib
 import http.server
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 from dnnlib import util
-from conftest import free_port
+from conftest import ROOT, free_port, subprocess_env
 
 PAYLOAD = bytes(range(256)) * 4096 # 1 MiB
 
@@ -17,6 +21,7 @@ PAYLOAD = bytes(range(256)) * 4096 # 1 MiB
 class _Handler(http.server.BaseHTTPRequestHandler):
     truncate = False
     gzip = False
+    stall = None # an Event to wait for before sending the second half
 
     def do_GET(self):
         if self.path != '/files/model.pkl':
@@ -27,8 +32,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header('Content-Type', 'application/octet-stream')
         if self.gzip:
             self.send_header('Content-Encoding', 'gzip')
-        self.send_header('Content-Length', str(len(body)))
+        self.send_header('Content-Length', str(len(body) * (2 if self.stall is not None else 1)))
         self.end_headers()
+        if self.stall is not None: # announce twice the file, send it once, and wait
+            self.wfile.write(body)
+            self.wfile.flush()
+            self.stall.wait(60)
+            return
         if self.truncate: # send half the file, then drop the connection
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
@@ -40,8 +50,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(truncate=False, gzip=False):
-    handler = type('Handler', (_Handler,), dict(truncate=truncate, gzip=gzip))
+def _serve(truncate=False, gzip=False, stall=None):
+    handler = type('Handler', (_Handler,), dict(truncate=truncate, gzip=gzip, stall=stall))
     server = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -101,6 +111,44 @@ def test_dropped_connection_leaves_no_cache_entry(tmp_path, gzip):
         server.server_close()
     assert url in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_killed_download_is_removed_by_the_next(tmp_path):
+    # A download killed by SIGKILL leaves its temporary file; the next download into the cache removes it,
+    # but not those of live processes or of other hosts sharing the folder.
+    stall = threading.Event()
+    server = _serve(stall=stall)
+    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
+    code = f'from dnnlib import util; util.open_url({url!r}, cache_dir={str(tmp_path)!r}, verbose=False)'
+    child = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, env=subprocess_env())
+    try:
+        deadline = time.time() + 60
+        while not any(os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path)) and time.time() < deadline:
+            assert child.poll() is None
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        stall.set()
+        server.shutdown()
+        server.server_close()
+    (stale,) = os.listdir(tmp_path)
+    assert stale.startswith('..download-') and f'-{child.pid}-' in stale and os.path.getsize(tmp_path / stale) == len(PAYLOAD)
+    live = stale.replace(f'-{child.pid}-', f'-{os.getpid()}-')
+    other_host = '..download-elsewhere-1-' + '0' * 32 + '.tmp-00000000'
+    for name in [live, other_host]:
+        (tmp_path / name).write_bytes(b'partial')
+
+    server = _serve()
+    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
+    try:
+        with util.open_url(url, cache_dir=str(tmp_path), verbose=False) as f:
+            assert f.read() == PAYLOAD
+    finally:
+        server.shutdown()
+        server.server_close()
+    md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    assert sorted(os.listdir(tmp_path)) == sorted([f'{md5}_model.pkl', live, other_host])
 
 
 def test_unreachable_host_names_url(tmp_path):
