@@ -1,5 +1,6 @@
 """dnnlib.util.open_url against a real HTTP server on loopback."""
 
+import contextlib
 import gzip as gzlib
 import hashlib
 import http.server
@@ -50,23 +51,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _serve(truncate=False, gzip=False, stall=None):
+@contextlib.contextmanager
+def _served(truncate=False, gzip=False, stall=None):
+    """A loopback HTTP server for the context; yields the URL of its file."""
     handler = type('Handler', (_Handler,), dict(truncate=truncate, gzip=gzip, stall=stall))
     server = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
+    finally:
+        if stall is not None:
+            stall.set()
+        server.shutdown()
+        server.server_close()
 
 
 def test_download_is_cached_and_reused_offline(tmp_path):
-    server = _serve()
-    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
-    try:
+    with _served() as url:
         with util.open_url(url, cache_dir=str(tmp_path), verbose=False) as f:
             assert f.read() == PAYLOAD
-    finally:
-        server.shutdown()
-        server.server_close()
     md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
     assert os.listdir(tmp_path) == [f'{md5}_model.pkl']
 
@@ -78,37 +81,23 @@ def test_download_is_cached_and_reused_offline(tmp_path):
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'envcache'))
-    server = _serve()
-    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
-    try:
+    with _served() as url:
         path = util.open_url(url, return_filename=True, verbose=False)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert os.path.dirname(path) == str(tmp_path / 'envcache' / 'downloads')
 
 
 def test_compressed_transfer_is_stored_decompressed(tmp_path):
     # With Content-Encoding: gzip, Content-Length counts the compressed bytes on the wire.
-    server = _serve(gzip=True)
-    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
-    try:
+    with _served(gzip=True) as url:
         with util.open_url(url, cache_dir=str(tmp_path), num_attempts=1, verbose=False) as f:
             assert f.read() == PAYLOAD
-    finally:
-        server.shutdown()
-        server.server_close()
+
 
 @pytest.mark.parametrize('gzip', [False, True])
 def test_dropped_connection_leaves_no_cache_entry(tmp_path, gzip):
-    server = _serve(truncate=True, gzip=gzip)
-    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
-    try:
+    with _served(truncate=True, gzip=gzip) as url:
         with pytest.raises(IOError, match='127.0.0.1') as info:
             util.open_url(url, cache_dir=str(tmp_path), num_attempts=2, verbose=False)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert url in str(info.value)
     assert os.listdir(tmp_path) == []
 
@@ -116,22 +105,15 @@ def test_dropped_connection_leaves_no_cache_entry(tmp_path, gzip):
 def test_killed_download_is_removed_by_the_next(tmp_path):
     # A download killed by SIGKILL leaves its temporary file; the next download into the cache removes it,
     # but not those of live processes or of other hosts sharing the folder.
-    stall = threading.Event()
-    server = _serve(stall=stall)
-    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
-    code = f'from dnnlib import util; util.open_url({url!r}, cache_dir={str(tmp_path)!r}, verbose=False)'
-    child = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, env=subprocess_env())
-    try:
+    with _served(stall=threading.Event()) as url:
+        code = f'from dnnlib import util; util.open_url({url!r}, cache_dir={str(tmp_path)!r}, verbose=False)'
+        child = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, env=subprocess_env())
         deadline = time.time() + 60
         while not any(os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path)) and time.time() < deadline:
             assert child.poll() is None
             time.sleep(0.05)
         child.send_signal(signal.SIGKILL)
         child.wait()
-    finally:
-        stall.set()
-        server.shutdown()
-        server.server_close()
     (stale,) = os.listdir(tmp_path)
     assert stale.startswith('..download-') and f'-{child.pid}-' in stale and os.path.getsize(tmp_path / stale) == len(PAYLOAD)
     live = stale.replace(f'-{child.pid}-', f'-{os.getpid()}-')
@@ -139,14 +121,9 @@ def test_killed_download_is_removed_by_the_next(tmp_path):
     for name in [live, other_host]:
         (tmp_path / name).write_bytes(b'partial')
 
-    server = _serve()
-    url = f'http://127.0.0.1:{server.server_address[1]}/files/model.pkl'
-    try:
+    with _served() as url:
         with util.open_url(url, cache_dir=str(tmp_path), verbose=False) as f:
             assert f.read() == PAYLOAD
-    finally:
-        server.shutdown()
-        server.server_close()
     md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
     assert sorted(os.listdir(tmp_path)) == sorted([f'{md5}_model.pkl', live, other_host])
 
@@ -160,14 +137,10 @@ def test_unreachable_host_names_url(tmp_path):
 
 
 def test_missing_file_is_not_retried_forever(tmp_path):
-    server = _serve()
-    url = f'http://127.0.0.1:{server.server_address[1]}/files/absent.pkl'
-    try:
+    with _served() as url:
+        url = url.replace('model.pkl', 'absent.pkl')
         with pytest.raises(IOError, match='after 1 attempt: 404'):
             util.open_url(url, cache_dir=str(tmp_path), verbose=False)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_local_paths_and_file_urls(tmp_path):
