@@ -313,6 +313,16 @@ def test_fast_paths_compile_as_one_graph(name):
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), [b.reason for b in explained.break_reasons]
     torch._dynamo.reset()
 
+def test_compiled_graph_keeps_the_stored_layouts():
+    # Under torch.compile the skip concatenation's inputs pass through as_strided, which fixes their
+    # channels-last layout (without it inductor writes the concatenation NCHW); in eager mode they do not.
+    x, skip = (torch.randn([2, 8, 4, 4]).to(memory_format=torch.channels_last) for _ in range(2))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(networks.cat_skip)(x, skip)
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and sum(node.target is torch.as_strided for node in explained.graphs[0].graph.nodes) == 2
+    assert torch.equal(networks.cat_skip(x, skip), torch.cat([x, skip], dim=1))
+
 def test_fast_paths_switch_the_operations_asked_for():
     d = load_fixture('net-edm-ddpmpp-cond-aug')
     net, _ = build_net(d)
