@@ -323,6 +323,14 @@ def test_compiled_graph_keeps_the_stored_layouts():
     assert explained.graph_count == 1 and sum(node.target is torch.as_strided for node in explained.graphs[0].graph.nodes) == 2
     assert torch.equal(networks.cat_skip(x, skip), torch.cat([x, skip], dim=1))
 
+def test_embedding_sums_keep_type_promotion():
+    # add_embedding casts explicitly (for the compiler) but gives what emb + term gives.
+    for emb_dtype, term_dtype in [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)]:
+        emb, term = torch.randn([4, 16], dtype=emb_dtype), torch.randn([4, 16], dtype=term_dtype)
+        expected = emb + term
+        actual = networks.add_embedding(emb, term)
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected)
+
 def test_fast_paths_switch_the_operations_asked_for():
     d = load_fixture('net-edm-ddpmpp-cond-aug')
     net, _ = build_net(d)

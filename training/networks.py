@@ -482,6 +482,12 @@ def _class_embedding_input(class_labels, label_dropout, training, batch_size):
         class_labels = class_labels * keep.to(class_labels.dtype)
     return class_labels
 
+def add_embedding(emb, term):
+    """emb + term for the mapping networks' sums, with term cast to emb's dtype first: the value type
+    promotion gives (emb is float32, or both are in the autocast dtype). Compiled by inductor in
+    PyTorch 2.5, float32 plus a bfloat16 matrix product becomes one addmm of mixed dtypes, which fails."""
+    return emb + term.to(emb.dtype)
+
 #----------------------------------------------------------------------------
 # DDPM++ and NCSN++ (Song et al. 2021, "Score-Based Generative Modeling
 # through Stochastic Differential Equations").
@@ -586,9 +592,9 @@ class SongUNet(torch.nn.Module):
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # sin half first, then cos.
         if self.map_label is not None:
             tmp = _class_embedding_input(class_labels, self.label_dropout, self.training, noise_labels.shape[0])
-            emb = emb + self.map_label(tmp * np.sqrt(self.map_label.in_features))
+            emb = add_embedding(emb, self.map_label(tmp * np.sqrt(self.map_label.in_features)))
         if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+            emb = add_embedding(emb, self.map_augment(augment_labels))
         emb = silu(self.map_layer0(emb))
         emb = silu(self.map_layer1(emb))
 
@@ -695,12 +701,12 @@ class DhariwalUNet(torch.nn.Module):
         # Mapping.
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+            emb = add_embedding(emb, self.map_augment(augment_labels))
         emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
             tmp = _class_embedding_input(class_labels, self.label_dropout, self.training, noise_labels.shape[0])
-            emb = emb + self.map_label(tmp)
+            emb = add_embedding(emb, self.map_label(tmp))
         emb = silu(emb)
 
         # Encoder.
