@@ -5,13 +5,15 @@ variants that compute the same function, and keep inductor's generated code
 of each, so that a slow kernel can be read and its alternatives timed in
 seconds of compilation rather than minutes.
 
-    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip] [--code-dir=DIR]
+    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip,channel-sums] [--code-dir=DIR]
     python bench/bench_block.py --device=cpu --batch=2 --eager      # numerics only
     python bench/bench_block.py --backward                          # training: forward + backward, bf16, no CUDA graphs
 
 Variants:
   base        UNetBlock as the network runs it: norm0 and the 1x1 skip
-              convolution both read the concatenation.
+              convolution both read the concatenation (networks.cat_skip,
+              as SongUNet's decoder makes it; run E's figures predate this
+              and timed a plain torch.cat, which inductor laid out NCHW).
   welford     base with group_norm_nhwc as run D measured it: Welford
               statistics (torch.var_mean) and the normalisation recomputing
               rsqrt(var + eps), weight and bias for every element; with
@@ -22,6 +24,14 @@ Variants:
               after the normalisation.
   split-skip  also the 1x1 skip convolution as the sum of two, one per half,
               so that the concatenation is never formed.
+  channel-sums
+              base with the group statistics taken as sums per image and
+              channel over the pixels first, then per group (inference
+              only; under --backward autograd differentiates it). Reduced per
+              group directly, each program of inductor's statistics kernel
+              reads C/G contiguous values per pixel (16 bytes at 256
+              channels), and run E's ran at 1.8 TB/s; reduced per channel,
+              a program reads whole rows of contiguous channels.
 """
 
 import contextlib
@@ -40,7 +50,7 @@ from torch_utils.misc import choose_device # pylint: disable=wrong-import-positi
 from training import networks # pylint: disable=wrong-import-position
 from bench import redraw_small_weights, write_profile # pylint: disable=wrong-import-position
 
-VARIANTS = ('base', 'welford', 'split', 'split-skip')
+VARIANTS = ('base', 'welford', 'split', 'split-skip', 'channel-sums')
 
 #----------------------------------------------------------------------------
 
@@ -71,7 +81,7 @@ def block_split(block, x, skip, emb, split_skip):
         s = torch.nn.functional.conv2d(x, w[:, :c]) + torch.nn.functional.conv2d(skip, w[:, c:])
         y = y.add_(s.add_(block.skip.bias.to(y.dtype).reshape(1, -1, 1, 1)))
     else:
-        y = y.add_(block.skip(torch.cat([x, skip], dim=1)))
+        y = y.add_(block.skip(networks.cat_skip(x, skip)))
     return y * block.skip_scale
 
 def group_norm_welford(x, num_groups, weight, bias, eps):
@@ -84,11 +94,31 @@ def group_norm_welford(x, num_groups, weight, bias, eps):
     y = y * weight.to(dtype).reshape(1, -1, 1, 1) + bias.to(dtype).reshape(1, -1, 1, 1)
     return y if networks._autocast_enabled(x.device.type) else y.to(x.dtype) # pylint: disable=protected-access
 
+def group_norm_channel_sums(x, num_groups, weight, bias, eps):
+    """group_norm_nhwc's inference form with the sums over the pixels taken per channel, then per group."""
+    N, C, H, W = x.shape
+    G = num_groups
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(dtype).permute(0, 2, 3, 1).reshape(N, H * W, C)
+    origin = xc[:, :1, :].reshape(N, 1, G, C // G)[:, :, :, :1].expand(N, 1, G, C // G).reshape(N, 1, C)
+    n = H * W * (C // G)
+    mean = xc.sum(dim=1).reshape(N, G, -1).sum(dim=2) / n # [N, G]
+    m2 = (xc - origin).square().sum(dim=1).reshape(N, G, -1).sum(dim=2) / n
+    origin = origin.reshape(N, G, -1)[:, :, 0]
+    var = (m2 - (mean - origin).square()).clamp(min=0)
+    scale = networks._stored(torch.rsqrt(var + eps).unsqueeze(2) * weight.to(dtype).reshape(G, -1)) # pylint: disable=protected-access
+    shift = networks._stored(bias.to(dtype).reshape(G, -1) - mean.unsqueeze(2) * scale) # pylint: disable=protected-access
+    y = xc * scale.reshape(N, 1, C) + shift.reshape(N, 1, C)
+    y = y.reshape(N, H, W, C).permute(0, 3, 1, 2)
+    return y if networks._autocast_enabled(x.device.type) else y.to(x.dtype) # pylint: disable=protected-access
+
+NORMS = {'welford': group_norm_welford, 'channel-sums': group_norm_channel_sums}
+
 @contextlib.contextmanager
 def norm_of(variant):
-    """The network's group_norm_nhwc, or the earlier one for variant welford (while it compiles and runs)."""
+    """The network's group_norm_nhwc, or another form for variants welford and channel-sums (while it compiles and runs)."""
     current = networks.group_norm_nhwc
-    networks.group_norm_nhwc = group_norm_welford if variant == 'welford' else current
+    networks.group_norm_nhwc = NORMS.get(variant, current)
     try:
         yield
     finally:
@@ -97,8 +127,8 @@ def norm_of(variant):
 def make_fn(blocks, variant):
     def fn(x, skip1, skip2, emb):
         for block, skip in zip(blocks, (skip1, skip2)):
-            if variant in ('base', 'welford'):
-                x = block(torch.cat([x, skip], dim=1), emb)
+            if variant in ('base', 'welford', 'channel-sums'):
+                x = block(networks.cat_skip(x, skip), emb)
             else:
                 x = block_split(block, x, skip, emb, split_skip=(variant == 'split-skip'))
         return x
@@ -190,7 +220,7 @@ def run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, devi
     sync()
     ms = (time.perf_counter() - t0) / iters * 1000
     err = (out - expected).abs().max().item() / expected.abs().max().item()
-    print(f'{variant:10s} {ms:8.3f} ms per call  error vs float32 base {err:.1e}, in float32 {exact_err:.1e} (of the largest output)  warm-up {warmup:.0f} s', flush=True)
+    print(f'{variant:12s} {ms:8.3f} ms per call  error vs float32 base {err:.1e}, in float32 {exact_err:.1e} (of the largest output)  warm-up {warmup:.0f} s', flush=True)
     if code_dir:
         write_profile(run, sync, device, os.path.join(code_dir, f'kernels-{variant}.txt'))
 

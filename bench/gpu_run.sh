@@ -4,8 +4,10 @@
 # part into one file (artifacts.tgz), the tables of operations and generated code.
 #   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [train] [graphs] [b512] [block] [blockbw] [ab] [cdt] [variants] [imagenet] [demo]
 # Parts:
-#   warm      compile the compiled measurements of sample, train, graphs and b512 at once, in parallel
-#             processes, so that the measurements that follow load their kernels from the compiler cache
+#   warm      compile the compiled measurements of the parts named after it (sample, train, graphs, b512,
+#             ab; not cdt or variants, whose tuning times kernels and must have the GPU alone) at once, in parallel processes, so that those parts load their kernels from
+#             the compiler cache (with a cold cache, compiling and profiling sample or train alone took
+#             over 180 s in run E)
 #   sample    CIFAR-10 DDPM++ sampling, batch 256: fp32 (the default) and fast, with tables of operations
 #   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
 #   graphs    CIFAR-10 DDPM++ training, batch 512, fast with the compiled network replayed as CUDA graphs
@@ -46,7 +48,7 @@ EOF
 # name, bench arguments: one fast-mode run in the background, for its compilation alone.
 compile_only() {
     local name=$1; shift
-    timeout 240 $PY bench/bench.py $C --modes=fast --iters=1 "$@" > "/tmp/warm-$name.log" 2>&1 &
+    timeout 300 $PY bench/bench.py $C --modes=fast --iters=1 "$@" > "/tmp/warm-$name.log" 2>&1 &
 }
 
 # Everything in $WORK as one file in $OUT, however many files the parts wrote.
@@ -59,16 +61,21 @@ for part in "$@"; do
     warm)
         echo "== warm: compiling in parallel"
         start=$SECONDS; rm -f /tmp/warm-*.log
-        compile_only s256 --what=sample
-        compile_only t --what=train
-        compile_only t-graphs --what=train --train-graphs
-        compile_only s512 --what=sample --batch=512
+        for later in "$@"; do
+            case $later in
+            sample)   compile_only s256 --what=sample ;;
+            train)    compile_only t --what=train ;;
+            graphs)   compile_only t-graphs --what=train --train-graphs ;;
+            b512)     compile_only s512 --what=sample --batch=512 ;;
+            ab)       compile_only s256-norm --what=sample --slow-ops=norm; compile_only t-norm --what=train --slow-ops=norm ;;
+            esac
+        done
         wait
         echo "warm: $((SECONDS - start)) s"
         tail -n 3 /tmp/warm-*.log ;;
-    sample)   measure sample-256 180 $C --what=sample --modes=fp32,fast --profile-dir="$WORK" ;;
-    train)    measure train-512 180 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$WORK" ;;
-    graphs)   measure train-512-graphs 180 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$WORK/graphs" ;;
+    sample)   measure sample-256 300 $C --what=sample --modes=fp32,fast --profile-dir="$WORK" ;;
+    train)    measure train-512 300 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$WORK" ;;
+    graphs)   measure train-512-graphs 300 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$WORK/graphs" ;;
     block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$WORK/block" ;;
     blockbw)  echo "== blockbw"; timeout 240 $PY bench/bench_block.py --backward --batch=512 --variants=base,welford --code-dir="$WORK/blockbw" ;;
     ab)       measure train-512-no-norm 120 $C --what=train --modes=fast --iters=5 --slow-ops=norm
