@@ -138,10 +138,12 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             from generate import prepare_network
             # fast: fp16 on CUDA (bf16's speed with 3 more mantissa bits), bf16 elsewhere (CPUs emulate fp16).
             precision = {'fast': 'fp16' if is_cuda else 'bf16'}.get(mode, mode)
-            sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'))
-            if slow_ops: # before the first call, which compiles
+            slow = [op for op in slow_ops.split(',') if op]
+            sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'), freeze=('freeze' not in slow))
+            slow = [op for op in slow if op != 'freeze']
+            if slow: # before the first call, which compiles
                 from training import networks
-                networks.set_fast_paths(sampler_net.net, False, ops=slow_ops.split(',')) # a compiled wrapper holds the modules too
+                networks.set_fast_paths(sampler_net.net, False, ops=slow) # a compiled wrapper holds the modules too
         else:
             if mode == 'tf32':
                 torch.backends.cuda.matmul.allow_tf32 = True
@@ -189,8 +191,9 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         if fast:
             from training import networks
             networks.set_fast_paths(net)
-            if slow_ops:
-                networks.set_fast_paths(net, False, ops=slow_ops.split(','))
+            slow = [op for op in slow_ops.split(',') if op and op != 'freeze'] # training never freezes its weights
+            if slow:
+                networks.set_fast_paths(net, False, ops=slow)
         if mode == 'fast':
             net = net.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -301,7 +304,7 @@ def _fmt(value, spec):
 @click.option('--timeout', help='Seconds per measurement', metavar='INT', type=int, default=1800, show_default=True)
 @click.option('--batch', help='Batch size (default: the configuration\'s)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--inductor', help='torch._inductor.config settings for the fast mode, e.g. conv_1x1_as_mm=true', metavar='LIST', type=str, default='')
-@click.option('--slow-ops', help='Fast operations of set_fast_paths to leave off in our modes (attention,pool,norm), for A/B measurements', metavar='LIST', type=str, default='')
+@click.option('--slow-ops', help='Fast operations to leave off in our modes, for A/B measurements: those of set_fast_paths (attention,pool,norm), and freeze (compiled sampling with the weights as inputs, not constants)', metavar='LIST', type=str, default='')
 @click.option('--train-graphs', help='Replay the compiled network of the fast training step as CUDA graphs (torch.compile mode reduce-overhead)', is_flag=True)
 @click.option('--profile-dir', help='Also profile one more run of each measurement; tables of operations go here', metavar='DIR', type=str, default=None)
 @click.option('--json', 'json_path', help='Also write the results here (rewritten after each measurement)', metavar='PATH', type=str, default=None)
@@ -341,8 +344,8 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
     import dnnlib # pylint: disable=import-outside-toplevel
     from training.networks import FAST_OPS # pylint: disable=import-outside-toplevel
     for op in filter(None, slow_ops.split(',')):
-        if op not in FAST_OPS:
-            raise click.ClickException(f'--slow-ops: unknown operation {op!r} (valid: {", ".join(FAST_OPS)})')
+        if op not in (*FAST_OPS, 'freeze'):
+            raise click.ClickException(f'--slow-ops: unknown operation {op!r} (valid: {", ".join(FAST_OPS)}, freeze)')
     from psnr_dirs import psnr # pylint: disable=import-outside-toplevel
     opts = dict(steps=steps, iters=iters, batch=batch, inductor=inductor, slow_ops=slow_ops, train_graphs=train_graphs)
     roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])

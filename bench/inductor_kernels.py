@@ -12,13 +12,14 @@ on CUDA. The `triton` package is needed, but not in the environment that
 runs the project:
 
     pip install --no-deps --target /tmp/tritonlib triton
-    PYTHONPATH=/tmp/tritonlib python bench/inductor_kernels.py [--what=sample|train] [--batch=4] [--show=tiled]
+    PYTHONPATH=/tmp/tritonlib python bench/inductor_kernels.py [--what=sample|train] [--batch=4] [--show=tiled] [--no-freeze]
 
 With --what=train the backward graph is lowered with the forward one, and
 no kernel is compiled at all.
 
 The figures are of the CIFAR-10 DDPM++ network with the fast paths
-(channels-last, bf16 autocast), as `generate.py --compile` and
+(channels-last, bf16 autocast), as `generate.py --compile` (on CUDA, with
+the weights frozen into constants; --no-freeze without) and
 `train.py --compile=1` run it. Inductor's internals change between PyTorch
 releases; this script follows 2.13.
 """
@@ -131,7 +132,8 @@ def launch_traffic(code, min_elements):
 @click.option('--what', help='Inference (sampling) or training (forward and backward)', type=click.Choice(['sample', 'train']), default='sample', show_default=True)
 @click.option('--batch', help='Batch size', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--show', help='Print the source of these kernels', type=click.Choice(['none', 'tiled', 'all']), default='none', show_default=True)
-def main(what, batch, show):
+@click.option('--freeze/--no-freeze', help='Sampling: the weights as constants, as generate.py --compile on CUDA', default=True, show_default=True)
+def main(what, batch, show, freeze):
     """Summarise inductor's Triton kernels for CIFAR-10 DDPM++ without a GPU."""
     try:
         import triton # pylint: disable=import-outside-toplevel,unused-import
@@ -151,9 +153,11 @@ def main(what, batch, show):
     sigma = torch.ones([batch])
     labels = torch.eye(cfg['label_dim'])[torch.arange(batch) % cfg['label_dim']]
     compiled = torch.compile(net)
+    import torch._inductor.config as inductor_config # pylint: disable=import-outside-toplevel
     def run():
         try:
-            with torch.autocast('cpu', dtype=torch.bfloat16), torch.set_grad_enabled(what == 'train'):
+            with torch.autocast('cpu', dtype=torch.bfloat16), torch.set_grad_enabled(what == 'train'), \
+                    inductor_config.patch(freezing=(freeze and what == 'sample')):
                 compiled(x, sigma, labels, augment_labels=(torch.zeros([batch, 9]) if what == 'train' else None))
         except Exception: # pylint: disable=broad-except
             pass # compiling the kernels fails without a driver; their source is out by then

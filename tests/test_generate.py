@@ -179,6 +179,35 @@ def test_compile_close_to_eager(pkls, tmp_path):
     mse = np.mean([np.mean((eager[name][1].astype(float) - compiled[name][1].astype(float)) ** 2) for name in eager])
     assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 40
 
+def test_frozen_sampling_folds_the_weight_casts():
+    # On CUDA, compiled sampling takes the weights as constants (inductor's freezing), so that their casts to
+    # the autocast dtype are made once, at compilation: fewer kernels, outputs as close to float32. On the
+    # CPU, prepare_network does not freeze (inductor's freezing there packs the weights for oneDNN); with
+    # oneDNN off, it takes the passes it takes on CUDA.
+    from torch._inductor import metrics
+    x = torch.randn([4, 3, 8, 8], generator=torch.Generator().manual_seed(0))
+    sigma, labels = torch.full([4], 2.0), torch.eye(LABEL_DIM)
+    with torch.no_grad():
+        expected = generate.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'))(x, sigma, labels)
+    kernels, outputs = {}, {}
+    for freeze in [False, True]:
+        sampler_net = generate.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'), precision='bf16', use_compile=True)
+        assert not sampler_net.freeze
+        sampler_net.freeze = freeze # before the first call, which compiles
+        torch._dynamo.reset()
+        metrics.reset()
+        mkldnn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
+        try:
+            with torch.no_grad():
+                outputs[freeze] = sampler_net(x, sigma, labels)
+        finally:
+            torch.backends.mkldnn.enabled = mkldnn
+        kernels[freeze] = metrics.generated_kernel_count
+    torch._dynamo.reset()
+    assert 0 < kernels[True] < kernels[False], kernels
+    rms = {freeze: (out - expected).square().mean().sqrt().item() for freeze, out in outputs.items()} # bf16's rounding
+    assert rms[True] <= 1.5 * rms[False] and rms[False] < 0.01 * expected.abs().max(), rms
+
 #----------------------------------------------------------------------------
 # Clear one-line errors.
 
