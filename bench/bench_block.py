@@ -98,7 +98,7 @@ def group_norm_channel_sums(x, num_groups, weight, bias, eps):
     """group_norm_nhwc's inference form with the sums over the pixels taken per channel, then per group."""
     N, C, H, W = x.shape
     G = num_groups
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = networks._at_least_float32(x.dtype) # pylint: disable=protected-access
     xc = x.to(dtype).permute(0, 2, 3, 1).reshape(N, H * W, C)
     origin = xc[:, :1, :].reshape(N, 1, G, C // G)[:, :, :, :1].expand(N, 1, G, C // G).reshape(N, 1, C)
     n = H * W * (C // G)
