@@ -99,6 +99,9 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         return dict(skipped='fast mode exists only in this checkout')
     if inductor:
         _set_inductor_options(inductor)
+    slow = [op for op in slow_ops.split(',') if op]
+    freeze = 'freeze' not in slow # compiled sampling; training never freezes its weights
+    slow_paths = [op for op in slow if op != 'freeze'] # those of set_fast_paths
     torch.manual_seed(0)
 
     net_kwargs = dict(cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
@@ -138,12 +141,10 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             from generate import prepare_network
             # fast: fp16 on CUDA (bf16's speed with 3 more mantissa bits), bf16 elsewhere (CPUs emulate fp16).
             precision = {'fast': 'fp16' if is_cuda else 'bf16'}.get(mode, mode)
-            slow = [op for op in slow_ops.split(',') if op]
-            sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'), freeze=('freeze' not in slow))
-            slow = [op for op in slow if op != 'freeze']
-            if slow: # before the first call, which compiles
+            sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'), freeze=freeze)
+            if slow_paths: # before the first call, which compiles
                 from training import networks
-                networks.set_fast_paths(sampler_net.net, False, ops=slow) # a compiled wrapper holds the modules too
+                networks.set_fast_paths(sampler_net.net, False, ops=slow_paths) # a compiled wrapper holds the modules too
         else:
             if mode == 'tf32':
                 torch.backends.cuda.matmul.allow_tf32 = True
@@ -191,9 +192,8 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         if fast:
             from training import networks
             networks.set_fast_paths(net)
-            slow = [op for op in slow_ops.split(',') if op and op != 'freeze'] # training never freezes its weights
-            if slow:
-                networks.set_fast_paths(net, False, ops=slow)
+            if slow_paths:
+                networks.set_fast_paths(net, False, ops=slow_paths)
         if mode == 'fast':
             net = net.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
