@@ -304,7 +304,7 @@ def _fmt(value, spec):
 @click.option('--timeout', help='Seconds per measurement', metavar='INT', type=int, default=1800, show_default=True)
 @click.option('--batch', help='Batch size (default: the configuration\'s)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--inductor', help='torch._inductor.config settings for the fast mode, e.g. conv_1x1_as_mm=true', metavar='LIST', type=str, default='')
-@click.option('--slow-ops', help='Fast operations to leave off in our modes, for A/B measurements: those of set_fast_paths (attention,pool,norm), and freeze (compiled sampling with the weights as inputs, not constants)', metavar='LIST', type=str, default='')
+@click.option('--slow-ops', help='Fast operations to leave off in our modes, for A/B measurements: those of set_fast_paths (attention,pool,norm,affine), and freeze (compiled sampling with the weights as inputs, not constants)', metavar='LIST', type=str, default='')
 @click.option('--train-graphs', help='Replay the compiled network of the fast training step as CUDA graphs (torch.compile mode reduce-overhead)', is_flag=True)
 @click.option('--profile-dir', help='Also profile one more run of each measurement; tables of operations go here', metavar='DIR', type=str, default=None)
 @click.option('--json', 'json_path', help='Also write the results here (rewritten after each measurement)', metavar='PATH', type=str, default=None)

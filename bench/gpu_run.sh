@@ -2,15 +2,17 @@
 # The GPU measurements, in priority order, each bounded in time; the log goes
 # to stdout; $OUT gets the merged JSON (results.json) and, packed after each
 # part into one file (artifacts.tgz), the tables of operations and generated code.
-#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [nofreeze] [train] [graphs] [b512] [block] [blockbw] [ab] [cdt] [variants] [imagenet] [demo]
+#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [nofreeze] [noaffine] [train] [graphs] [b512] [block] [blockbw] [ab] [cdt] [variants] [imagenet] [demo]
 # Parts:
-#   warm      compile the compiled measurements of the parts named after it (sample, nofreeze, train, graphs, b512,
+#   warm      compile the compiled measurements of the parts named after it (sample, nofreeze, noaffine, train, graphs, b512,
 #             ab; not cdt or variants, whose tuning times kernels and must have the GPU alone) at once, in parallel processes, so that those parts load their kernels from
 #             the compiler cache (with a cold cache, compiling and profiling sample or train alone took
 #             over 180 s in run E)
 #   sample    CIFAR-10 DDPM++ sampling, batch 256: fp32 (the default) and fast, with tables of operations
 #   nofreeze  fast sampling, batch 256, with the weights as inputs of the compiled network rather than constants
 #             (no freezing: their casts to fp16 run in every call), against part sample
+#   noaffine  fast sampling, batch 256, with one matrix product per block's affine layer rather than one for
+#             all blocks (--slow-ops=affine), against part sample
 #   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
 #   graphs    CIFAR-10 DDPM++ training, batch 512, fast with the compiled network replayed as CUDA graphs
 #   block     two 32x32 decoder blocks alone, in variants (bench_block.py), with their generated code and kernels
@@ -67,6 +69,7 @@ for part in "$@"; do
             case $later in
             sample)   compile_only s256 --what=sample ;;
             nofreeze) compile_only s256-nofreeze --what=sample --slow-ops=freeze ;;
+            noaffine) compile_only s256-noaffine --what=sample --slow-ops=affine ;;
             train)    compile_only t --what=train ;;
             graphs)   compile_only t-graphs --what=train --train-graphs ;;
             b512)     compile_only s512 --what=sample --batch=512 ;;
@@ -78,6 +81,7 @@ for part in "$@"; do
         tail -n 3 /tmp/warm-*.log ;;
     sample)   measure sample-256 300 $C --what=sample --modes=fp32,fast --profile-dir="$WORK" ;;
     nofreeze) measure sample-256-no-freeze 300 $C --what=sample --modes=fast --slow-ops=freeze ;;
+    noaffine) measure sample-256-no-affine 300 $C --what=sample --modes=fast --slow-ops=affine ;;
     train)    measure train-512 300 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$WORK" ;;
     graphs)   measure train-512-graphs 300 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$WORK/graphs" ;;
     block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$WORK/block" ;;

@@ -289,9 +289,11 @@ def test_fast_paths_reproduce_fixture(name, channels_last):
         net = net.to(memory_format=torch.channels_last)
     assert_reproduces_fixture(net, d)
     assert norm_layouts and (all(norm_layouts) or not channels_last) # every normalisation sees channels-last inputs
+    assert net.model.merge_affine
     networks.set_fast_paths(net, False)
     assert not any(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d')
     assert not any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock')
+    assert not net.model.merge_affine
 
 @pytest.mark.parametrize('name', ['net-edm-ddpmpp-cond-aug', 'net-edm-adm-uncond-aug', 'net-ve-ncsnpp-uncond-gray'])
 def test_fast_paths_compile_as_one_graph(name):
@@ -336,13 +338,14 @@ def test_fast_paths_switch_the_operations_asked_for():
     net, _ = build_net(d)
     kinds = lambda: dict(attention=any(m.use_sdpa for m in net.modules() if type(m).__name__ == 'UNetBlock'),
                          pool=any(m.pool_resample for m in net.modules() if type(m).__name__ == 'Conv2d'),
-                         norm=any(m.channels_last_stats for m in net.modules() if type(m).__name__ == 'GroupNorm'))
+                         norm=any(m.channels_last_stats for m in net.modules() if type(m).__name__ == 'GroupNorm'),
+                         affine=net.model.merge_affine)
     networks.set_fast_paths(net)
-    assert kinds() == dict(attention=True, pool=True, norm=True)
+    assert kinds() == dict(attention=True, pool=True, norm=True, affine=True)
     networks.set_fast_paths(net, False, ops=['norm'])
-    assert kinds() == dict(attention=True, pool=True, norm=False)
-    networks.set_fast_paths(net, False, ops=['attention', 'pool'])
-    assert kinds() == dict(attention=False, pool=False, norm=False)
+    assert kinds() == dict(attention=True, pool=True, norm=False, affine=True)
+    networks.set_fast_paths(net, False, ops=['attention', 'pool', 'affine'])
+    assert kinds() == dict(attention=False, pool=False, norm=False, affine=False)
     with pytest.raises(ValueError, match='unknown fast operations'):
         networks.set_fast_paths(net, ops=['conv'])
 
@@ -378,6 +381,25 @@ def test_convolution_adds_a_term_with_its_bias():
         x = torch.randn([2, 4, 5, 5], dtype=torch.float64)
         add = torch.randn([2, 6, 1, 1], dtype=torch.float64)
         assert torch.allclose(conv(x, add=add), conv(x) + add, rtol=0, atol=1e-12)
+        if bias: # a term that already holds the bias
+            assert torch.allclose(conv(x, add=add + conv.bias.reshape(1, -1, 1, 1), add_has_bias=True), conv(x) + add, rtol=0, atol=1e-12)
+
+@pytest.mark.parametrize('name', ['net-edm-ddpmpp-cond-aug', 'net-edm-adm-uncond-aug'])
+def test_merged_affine_equals_each_blocks_affine(name):
+    # One matrix product for all blocks gives each block's affine(emb), plus conv0's bias where the block folds it.
+    net, _ = build_net(load_fixture(name))
+    net = net.to(torch.float64)
+    networks.set_fast_paths(net)
+    blocks = [m for m in net.modules() if type(m).__name__ == 'UNetBlock']
+    emb = torch.randn([3, blocks[0].emb_channels], dtype=torch.float64)
+    merged = networks.merged_affine(blocks, emb)
+    assert len(merged) == len(blocks)
+    folded = 0
+    for block, params in zip(blocks, merged):
+        expected = block.affine(emb) + (block.conv0.bias if block.folds_conv0_bias() else 0)
+        assert torch.allclose(params, expected, rtol=0, atol=1e-12)
+        folded += block.folds_conv0_bias()
+    assert folded == (len(blocks) if name == 'net-edm-ddpmpp-cond-aug' else 0) # DDPM++ adds a bias, ADM a scale and shift
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_nearest_upsampling_gradient_equals_interpolate(channels_last):

@@ -91,11 +91,12 @@ class Conv2d(torch.nn.Module):
         f = torch.outer(f, f).unsqueeze(0).unsqueeze(1) / f.sum().square() # outer(f, f) / sum(f)^2 as [1, 1, len, len]
         self.register_buffer('resample_filter', f if up or down else None)
 
-    def forward(self, x, add=None):
+    def forward(self, x, add=None, add_has_bias=False):
         """The convolution of `x`; `add`, a tensor broadcast to the output, is added to it together
-        with the bias, as one per-channel term (for the compiler: see UNetBlock.forward)."""
+        with the bias, as one per-channel term (for the compiler: see UNetBlock.forward), or in its place
+        with add_has_bias (the caller has added the bias to it)."""
         w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None and not (add is not None and add_has_bias) else None
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
@@ -372,16 +373,23 @@ class UNetBlock(torch.nn.Module):
             self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels*3, kernel=1, **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
-    def forward(self, x, emb):
+    def folds_conv0_bias(self):
+        """Whether conv0's bias is added together with the embedding's shift (see forward)."""
+        return not self.adaptive_scale and self.norm1.channels_last_stats
+
+    def forward(self, x, emb, params=None):
+        """`params`: affine(emb) when the caller has computed it (see merged_affine), then with
+        conv0's bias added where folds_conv0_bias()."""
         orig = x
-        if not self.adaptive_scale and self.norm1.channels_last_stats:
+        if self.folds_conv0_bias():
             # conv0's bias and the embedding's shift added as one stored term: compiled, norm1's input then
             # reads two buffers rather than four, few enough for inductor to recompute it in the backward
             # kernels instead of storing the normalised values and the output in float32.
-            x = silu(self.norm1(self.conv0(silu(self.norm0(x)), add=self.affine(emb).unsqueeze(2).unsqueeze(3))))
+            shift = (self.affine(emb) if params is None else params).unsqueeze(2).unsqueeze(3)
+            x = silu(self.norm1(self.conv0(silu(self.norm0(x)), add=shift, add_has_bias=(params is not None))))
         else:
             x = self.conv0(silu(self.norm0(x)))
-            params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+            params = (self.affine(emb) if params is None else params).unsqueeze(2).unsqueeze(3).to(x.dtype)
             if self.adaptive_scale:
                 scale, shift = params.chunk(chunks=2, dim=1)
                 x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
@@ -411,7 +419,17 @@ def set_attention_impl(net, impl):
             count += 1
     return count
 
-FAST_OPS = ('attention', 'pool', 'norm') # The operations set_fast_paths switches.
+def merged_affine(blocks, emb):
+    """[block.affine(emb) for block in blocks] as one matrix product, with conv0's bias added for the
+    blocks that fold it (UNetBlock.folds_conv0_bias): one GEMM of the embedding in place of one per
+    block, and one bias addition in place of one per block. Compiled with frozen weights, the
+    concatenated weights and biases are constants."""
+    weight = torch.cat([block.affine.weight for block in blocks])
+    bias = torch.cat([block.affine.bias + block.conv0.bias if block.folds_conv0_bias() else block.affine.bias for block in blocks])
+    params = torch.addmm(bias.to(emb.dtype), emb, weight.to(emb.dtype).t())
+    return params.split([block.affine.out_features for block in blocks], dim=1)
+
+FAST_OPS = ('attention', 'pool', 'norm', 'affine') # The operations set_fast_paths switches.
 
 def set_fast_paths(net, enabled=True, ops=FAST_OPS):
     """Switch the blocks of `net` between the faithful operations and the
@@ -420,8 +438,9 @@ def set_fast_paths(net, enabled=True, ops=FAST_OPS):
     place of depthwise (transposed) convolutions ('pool'), and group
     statistics taken in place on channels-last inputs ('norm'; with it, the
     blocks without adaptive scale add conv0's bias and the embedding's shift
-    as one term). `ops` limits the switch to some of them. Returns the number
-    of modules changed."""
+    as one term), and the blocks' affine layers as one matrix product of the
+    embedding ('affine', see merged_affine). `ops` limits the switch to some
+    of them. Returns the number of modules changed."""
     unknown = set(ops) - set(FAST_OPS)
     if unknown:
         raise ValueError(f'unknown fast operations {sorted(unknown)}: expected some of {", ".join(FAST_OPS)}')
@@ -436,6 +455,9 @@ def set_fast_paths(net, enabled=True, ops=FAST_OPS):
             is_box = f is not None and f.shape == box.shape and torch.equal(f.detach().cpu().float(), box)
             module.pool_resample = bool(enabled and is_box and not module.fused_resample)
             count += int(module.pool_resample)
+        if 'affine' in ops and type(module).__name__ in _MODEL_TYPES and hasattr(module, 'merge_affine'):
+            module.merge_affine = bool(enabled)
+            count += 1
     return count
 
 #----------------------------------------------------------------------------
@@ -482,6 +504,12 @@ def _class_embedding_input(class_labels, label_dropout, training, batch_size):
         class_labels = class_labels * keep.to(class_labels.dtype)
     return class_labels
 
+def _block_params(unet, emb):
+    """An iterator over the params argument of each UNetBlock of `unet`, in the order of its encoder
+    and decoder: their affine layers merged (see merged_affine) where unet.merge_affine, else None."""
+    blocks = [block for block in [*unet.enc.values(), *unet.dec.values()] if isinstance(block, UNetBlock)]
+    return iter(merged_affine(blocks, emb) if unet.merge_affine else [None] * len(blocks))
+
 def add_embedding(emb, term):
     """emb + term for the mapping networks' sums, with term cast to emb's dtype first: the value type
     promotion gives (emb is float32, or both are in the autocast dtype). Compiled by inductor in
@@ -494,6 +522,8 @@ def add_embedding(emb, term):
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
+    merge_affine = False # The blocks' affine layers as one matrix product (see set_fast_paths).
+
     def __init__(self,
         img_resolution,                 # Image resolution.
         in_channels,                    # Number of input color channels.
@@ -597,6 +627,7 @@ class SongUNet(torch.nn.Module):
             emb = add_embedding(emb, self.map_augment(augment_labels))
         emb = silu(self.map_layer0(emb))
         emb = silu(self.map_layer1(emb))
+        params = _block_params(self, emb)
 
         # Encoder.
         skips = []
@@ -609,7 +640,7 @@ class SongUNet(torch.nn.Module):
             elif name.endswith('_aux_residual'):
                 x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = block(x, emb, next(params)) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
         # Decoder.
@@ -626,7 +657,7 @@ class SongUNet(torch.nn.Module):
             else:
                 if x.shape[1] != block.in_channels:
                     x = cat_skip(x, skips.pop())
-                x = block(x, emb)
+                x = block(x, emb, next(params))
         return aux
 
 #----------------------------------------------------------------------------
@@ -635,6 +666,8 @@ class SongUNet(torch.nn.Module):
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
+    merge_affine = False # The blocks' affine layers as one matrix product (see set_fast_paths).
+
     def __init__(self,
         img_resolution,                 # Image resolution.
         in_channels,                    # Number of input color channels.
@@ -708,18 +741,19 @@ class DhariwalUNet(torch.nn.Module):
             tmp = _class_embedding_input(class_labels, self.label_dropout, self.training, noise_labels.shape[0])
             emb = add_embedding(emb, self.map_label(tmp))
         emb = silu(emb)
+        params = _block_params(self, emb)
 
         # Encoder.
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = block(x, emb, next(params)) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
 
         # Decoder.
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = cat_skip(x, skips.pop())
-            x = block(x, emb)
+            x = block(x, emb, next(params))
         x = self.out_conv(silu(self.out_norm(x)))
         return x
 
