@@ -123,9 +123,10 @@ class Conv2d(torch.nn.Module):
                 x = torch.nn.functional.conv2d(x, f.tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=f_pad)
             if w is not None:
                 x = torch.nn.functional.conv2d(x, w, padding=w_pad)
-        if add is not None:
-            add = add.to(x.dtype) if b is None else b.reshape(1, -1, 1, 1) + add.to(x.dtype)
-            x = x.add_(_stored(add))
+        if add is not None and b is not None:
+            x = x.add_(_stored(b.reshape(1, -1, 1, 1) + add.to(x.dtype)))
+        elif add is not None: # one tensor already (a view, maybe: as_strided of a view is not for the compiler)
+            x = x.add_(add.to(x.dtype))
         elif b is not None:
             x = x.add_(b.reshape(1, -1, 1, 1))
         return x
@@ -179,7 +180,8 @@ _is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.i
 def _stored(t):
     """`t` itself; under torch.compile, stored once in memory in its own layout rather than recomputed
     in each consumer, or laid out as the compiler pleases (inductor fixes the input of as_strided to
-    the strides it has in eager mode)."""
+    the strides it has in eager mode). Not for a view into a larger tensor: compiled by PyTorch
+    2.1.2, 2.5.1 and 2.11, as_strided of such a view read its storage from the start."""
     return torch.as_strided(t, t.shape, t.stride()) if _is_compiling() else t
 
 def _keep_layout(t):
