@@ -315,6 +315,23 @@ def test_fast_paths_compile_as_one_graph(name):
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), [b.reason for b in explained.break_reasons]
     torch._dynamo.reset()
 
+@pytest.mark.parametrize('name', ['net-edm-ddpmpp-cond-aug', 'net-edm-adm-uncond-aug'])
+def test_compiled_graph_has_no_scalar_tensor_inputs(name):
+    # A 0-dim tensor input is a CPU tensor: inductor then makes no CUDA graph of it (releases before graph
+    # partitioning; DDPM++'s skip_scale, np.sqrt(0.5), was one). Python numbers are compiled in as constants.
+    net, _ = build_net(load_fixture(name))
+    networks.set_fast_paths(net)
+    net.eval().requires_grad_(False)
+    inputs = []
+    def backend(gm, example_inputs):
+        inputs.extend(example_inputs)
+        return gm.forward
+    torch._dynamo.reset()
+    torch.compile(net, backend=backend)(torch.randn([2, net.img_channels, net.img_resolution, net.img_resolution]), torch.ones([2]),
+                                        torch.eye(net.label_dim)[:2] if net.label_dim else None)
+    torch._dynamo.reset()
+    assert inputs and not [t.shape for t in inputs if isinstance(t, torch.Tensor) and t.ndim == 0]
+
 def test_compiled_graph_keeps_the_stored_layouts():
     # Under torch.compile the skip concatenation's inputs pass through as_strided, which fixes their
     # channels-last layout (without it inductor writes the concatenation NCHW); in eager mode they do not.

@@ -356,7 +356,7 @@ class UNetBlock(torch.nn.Module):
         self.emb_channels = emb_channels
         self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
         self.dropout = dropout
-        self.skip_scale = skip_scale
+        self.skip_scale = float(skip_scale) # compiled, a NumPy scalar becomes a CPU tensor input, which rules out CUDA graphs
         self.adaptive_scale = adaptive_scale
 
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
