@@ -5,7 +5,7 @@ variants that compute the same function, and keep inductor's generated code
 of each, so that a slow kernel can be read and its alternatives timed in
 seconds of compilation rather than minutes.
 
-    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip,channel-sums] [--code-dir=DIR]
+    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip,channel-sums,unstored] [--code-dir=DIR]
     python bench/bench_block.py --device=cpu --batch=2 --eager      # numerics only
     python bench/bench_block.py --backward                          # training: forward + backward, bf16, no CUDA graphs
 
@@ -32,6 +32,14 @@ Variants:
               reads C/G contiguous values per pixel (16 bytes at 256
               channels), and run E's ran at 1.8 TB/s; reduced per channel,
               a program reads whole rows of contiguous channels.
+  unstored    base without storing the scale and shift per image and
+              channel (inference only; under --backward autograd
+              differentiates it): inductor may then fold them into
+              the consumers, recomputing rsqrt and the affine per element.
+              In the whole sampler this gives 253 Triton kernels rather
+              than 285 and 426.6 MB of activation traffic rather than
+              466.1 MB at batch 4 (inductor_kernels.py), at the cost run D's
+              issue-bound normalisation kernels paid.
 """
 
 import contextlib
@@ -50,7 +58,7 @@ from torch_utils.misc import choose_device # pylint: disable=wrong-import-positi
 from training import networks # pylint: disable=wrong-import-position
 from bench import redraw_small_weights, write_profile # pylint: disable=wrong-import-position
 
-VARIANTS = ('base', 'welford', 'split', 'split-skip', 'channel-sums')
+VARIANTS = ('base', 'welford', 'split', 'split-skip', 'channel-sums', 'unstored')
 
 #----------------------------------------------------------------------------
 
@@ -112,11 +120,16 @@ def group_norm_channel_sums(x, num_groups, weight, bias, eps):
     y = y.reshape(N, H, W, C).permute(0, 3, 1, 2)
     return y if networks._autocast_enabled(x.device.type) else y.to(x.dtype) # pylint: disable=protected-access
 
-NORMS = {'welford': group_norm_welford, 'channel-sums': group_norm_channel_sums}
+def group_norm_unstored(x, num_groups, weight, bias, eps):
+    """group_norm_nhwc's inference form with the scale and shift left to the compiler."""
+    y = networks._normalize(x, num_groups, weight, bias, eps, store=False)[0] # pylint: disable=protected-access
+    return y if networks._autocast_enabled(x.device.type) else y.to(x.dtype) # pylint: disable=protected-access
+
+NORMS = {'welford': group_norm_welford, 'channel-sums': group_norm_channel_sums, 'unstored': group_norm_unstored}
 
 @contextlib.contextmanager
 def norm_of(variant):
-    """The network's group_norm_nhwc, or another form for variants welford and channel-sums (while it compiles and runs)."""
+    """The network's group_norm_nhwc, or another form for variants welford, channel-sums and unstored (while it compiles and runs)."""
     current = networks.group_norm_nhwc
     networks.group_norm_nhwc = NORMS.get(variant, current)
     try:
@@ -127,7 +140,7 @@ def norm_of(variant):
 def make_fn(blocks, variant):
     def fn(x, skip1, skip2, emb):
         for block, skip in zip(blocks, (skip1, skip2)):
-            if variant in ('base', 'welford', 'channel-sums'):
+            if variant in ('base', 'welford', 'channel-sums', 'unstored'):
                 x = block(networks.cat_skip(x, skip), emb)
             else:
                 x = block_split(block, x, skip, emb, split_skip=(variant == 'split-skip'))
