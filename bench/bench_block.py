@@ -5,7 +5,7 @@ variants that compute the same function, and keep inductor's generated code
 of each, so that a slow kernel can be read and its alternatives timed in
 seconds of compilation rather than minutes.
 
-    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip,channel-sums,unstored] [--code-dir=DIR]
+    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip,channel-sums,group-stored] [--code-dir=DIR]
     python bench/bench_block.py --device=cpu --batch=2 --eager      # numerics only
     python bench/bench_block.py --backward                          # training: forward + backward, bf16, no CUDA graphs
 
@@ -32,14 +32,17 @@ Variants:
               reads C/G contiguous values per pixel (16 bytes at 256
               channels), and run E's ran at 1.8 TB/s; reduced per channel,
               a program reads whole rows of contiguous channels.
-  unstored    base without storing the scale and shift per image and
-              channel (inference only; under --backward autograd
-              differentiates it): inductor may then fold them into
-              the consumers, recomputing rsqrt and the affine per element.
-              In the whole sampler this gives 253 Triton kernels rather
-              than 285 and 426.6 MB of activation traffic rather than
-              466.1 MB at batch 4 (inductor_kernels.py), at the cost run D's
-              issue-bound normalisation kernels paid.
+  group-stored
+              base with one scale and shift stored per image and group
+              (rstd and -mean * rstd, which the statistics kernel computes
+              as it ends) rather than per image and channel, and the
+              weight and bias applied per element (inference only; under
+              --backward autograd differentiates it). For the whole sampler
+              inductor_kernels.py counts 214 Triton kernels per evaluation
+              rather than 285 (the small kernels that turn each group's
+              statistics into per-channel scales are gone) and about the
+              same traffic, at the cost of one more multiply-add and two
+              more (cached) loads per element.
 """
 
 import contextlib
@@ -58,7 +61,7 @@ from torch_utils.misc import choose_device # pylint: disable=wrong-import-positi
 from training import networks # pylint: disable=wrong-import-position
 from bench import redraw_small_weights, write_profile # pylint: disable=wrong-import-position
 
-VARIANTS = ('base', 'welford', 'split', 'split-skip', 'channel-sums', 'unstored')
+VARIANTS = ('base', 'welford', 'split', 'split-skip', 'channel-sums', 'group-stored')
 
 #----------------------------------------------------------------------------
 
@@ -120,16 +123,25 @@ def group_norm_channel_sums(x, num_groups, weight, bias, eps):
     y = y.reshape(N, H, W, C).permute(0, 3, 1, 2)
     return y if networks._autocast_enabled(x.device.type) else y.to(x.dtype) # pylint: disable=protected-access
 
-def group_norm_unstored(x, num_groups, weight, bias, eps):
-    """group_norm_nhwc's inference form with the scale and shift left to the compiler."""
-    y = networks._normalize(x, num_groups, weight, bias, eps, store=False)[0] # pylint: disable=protected-access
+def group_norm_group_stored(x, num_groups, weight, bias, eps):
+    """group_norm_nhwc's inference form with the scale and shift stored per group, the affine per element."""
+    G = num_groups
+    dtype = networks._at_least_float32(x.dtype) # pylint: disable=protected-access
+    xg = networks._groups(x.to(dtype), G) # pylint: disable=protected-access
+    origin = xg[:, :1, :, :1]
+    mean = xg.mean(dim=(1, 3), keepdim=True)
+    var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
+    rstd = networks._stored(torch.rsqrt(var + eps)) # pylint: disable=protected-access
+    shift = networks._stored(-mean * rstd) # pylint: disable=protected-access
+    y = (xg * rstd + shift) * weight.to(dtype).reshape(G, -1) + bias.to(dtype).reshape(G, -1)
+    y = networks._ungroup(y, x.shape) # pylint: disable=protected-access
     return y if networks._autocast_enabled(x.device.type) else y.to(x.dtype) # pylint: disable=protected-access
 
-NORMS = {'welford': group_norm_welford, 'channel-sums': group_norm_channel_sums, 'unstored': group_norm_unstored}
+NORMS = {'welford': group_norm_welford, 'channel-sums': group_norm_channel_sums, 'group-stored': group_norm_group_stored}
 
 @contextlib.contextmanager
 def norm_of(variant):
-    """The network's group_norm_nhwc, or another form for variants welford, channel-sums and unstored (while it compiles and runs)."""
+    """The network's group_norm_nhwc, or another form for variants welford, channel-sums and group-stored (while it compiles and runs)."""
     current = networks.group_norm_nhwc
     networks.group_norm_nhwc = NORMS.get(variant, current)
     try:
@@ -140,7 +152,7 @@ def norm_of(variant):
 def make_fn(blocks, variant):
     def fn(x, skip1, skip2, emb):
         for block, skip in zip(blocks, (skip1, skip2)):
-            if variant in ('base', 'welford', 'channel-sums', 'unstored'):
+            if variant in ('base', 'welford', 'channel-sums', 'group-stored'):
                 x = block(networks.cat_skip(x, skip), emb)
             else:
                 x = block_split(block, x, skip, emb, split_skip=(variant == 'split-skip'))

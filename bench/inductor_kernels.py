@@ -95,13 +95,23 @@ def describe(src):
 
 BYTES = dict(float64=8, float32=4, bfloat16=2, float16=2, int64=8, int32=4, bool=1, int8=1, uint8=1)
 
+def accesses(src):
+    """{pointer: most elements one launch of this kernel reads or writes through it}: the kernel's element
+    count times its loads or stores through that pointer. A kernel that reads a few values of a buffer (one
+    per group, say) is then not counted as reading all of it."""
+    body = src.split('@triton.jit')[-1]
+    count = describe(src)[1]
+    pointers = re.findall(r'(\w+_ptr\d+)', body.split('):')[0])
+    return {ptr: count * len(re.findall(r'tl\.(?:load|store)\(' + ptr + r'\b', body)) for ptr in pointers}
+
 def launch_traffic(code, min_elements):
     """(Triton launches, other launches, bytes) of one graph's wrapper code: the bytes of the
     activation-sized buffers (at least min_elements) that each Triton launch reads or writes, each once
-    (twice for a buffer both read and written). Graph inputs and the outputs of extern kernels (whose
-    dtypes the wrapper does not state) count 2 bytes per element."""
+    (twice for a buffer both read and written), and at most as many elements as the launch accesses.
+    Graph inputs and the outputs of extern kernels (whose dtypes the wrapper does not state) count 2
+    bytes per element."""
     kernels = re.findall(r"(\w+) = async_compile\.triton\('\w+', '''(.*?)'''", code, re.S)
-    signatures = {name: re.findall(r'(\w+_ptr\d+)', src.split('@triton.jit')[-1].split('):')[0]) for name, src in kernels}
+    limits = {name: accesses(src) for name, src in kernels}
     buffers = {} # name -> (elements, bytes per element)
     triton = other = total = 0
     for line in code.splitlines():
@@ -118,10 +128,10 @@ def launch_traffic(code, min_elements):
             buffers[m[1]] = buffers.get(m[2], (0, 2))
         elif m := re.match(r'(triton_\w+)\.run\((.*)\)$', line):
             triton += 1
-            for param, arg in zip(signatures.get(m[1], []), m[2].split(', ')):
+            for (param, limit), arg in zip(limits.get(m[1], {}).items(), m[2].split(', ')):
                 elements, size = buffers.get(arg, (0, 0))
                 if elements >= min_elements:
-                    total += elements * size * (2 if param.startswith('in_out') else 1)
+                    total += min(elements, limit) * size * (2 if param.startswith('in_out') else 1)
         elif 'extern_kernels.' in line or re.search(r'= torch\.ops\.aten\.\w+\.\w+\(', line):
             other += 1
     return triton, other, total

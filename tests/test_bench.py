@@ -26,8 +26,8 @@ def test_bench_quick_runs_and_prints_figures(tmp_path):
 @pytest.mark.parametrize('mode', [[], ['--backward']])
 def test_block_variants_compute_the_same_function(mode):
     res = run_script(['bench/bench_block.py', '--device=cpu', '--batch=2', '--eager', '--iters=1', *mode])
-    lines = [line for line in res.stdout.splitlines() if re.match(r'(base|welford|split|split-skip|channel-sums|unstored) ', line)]
-    assert [line.split()[0] for line in lines] == ['base', 'welford', 'split', 'split-skip', 'channel-sums', 'unstored'], res.stdout
+    lines = [line for line in res.stdout.splitlines() if re.match(r'(base|welford|split|split-skip|channel-sums|group-stored) ', line)]
+    assert [line.split()[0] for line in lines] == ['base', 'welford', 'split', 'split-skip', 'channel-sums', 'group-stored'], res.stdout
     for line in lines:
         in_float32 = float(re.search(r'in float32 ([0-9.e+-]+)', line).group(1))
         in_bf16 = float(re.search(r'error vs float32 base ([0-9.e+-]+)', line).group(1))

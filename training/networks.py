@@ -209,9 +209,8 @@ def _at_least_float32(dtype):
     """torch.promote_types(dtype, torch.float32), in a form dynamo traces in torch 2.1 too."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-def _normalize(x, G, weight, bias, eps, store=True):
-    """(y, mean, rstd) of group_norm_nhwc: y at least float32, mean and rstd [N, 1, G, 1]. With
-    store=False the compiler may fold the scale and shift into each element's arithmetic instead."""
+def _normalize(x, G, weight, bias, eps):
+    """(y, mean, rstd) of group_norm_nhwc: y at least float32, mean and rstd [N, 1, G, 1]."""
     dtype = _at_least_float32(x.dtype)
     xg = _groups(x.to(dtype), G)
     origin = xg[:, :1, :, :1] # the statistics do not depend on it
@@ -219,9 +218,8 @@ def _normalize(x, G, weight, bias, eps, store=True):
     # x - origin has one use only: with two, inductor may store it whole (in float32) before reducing.
     var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
     rstd = torch.rsqrt(var + eps)
-    keep = _stored if store else (lambda t: t)
-    scale = keep(rstd * weight.to(dtype).reshape(G, -1))
-    shift = keep(bias.to(dtype).reshape(G, -1) - mean * scale)
+    scale = _stored(rstd * weight.to(dtype).reshape(G, -1))
+    shift = _stored(bias.to(dtype).reshape(G, -1) - mean * scale)
     return _ungroup(xg * scale + shift, x.shape), mean, rstd
 
 class GroupNormNHWC(torch.autograd.Function):
