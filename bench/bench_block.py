@@ -127,13 +127,10 @@ def group_norm_group_stored(x, num_groups, weight, bias, eps):
     """group_norm_nhwc's inference form with the scale and shift stored per group, the affine per element."""
     G = num_groups
     dtype = networks._at_least_float32(x.dtype) # pylint: disable=protected-access
-    xg = networks._groups(x.to(dtype), G) # pylint: disable=protected-access
-    origin = xg[:, :1, :, :1]
-    mean = xg.mean(dim=(1, 3), keepdim=True)
-    var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
-    rstd = networks._stored(torch.rsqrt(var + eps)) # pylint: disable=protected-access
+    _, mean, rstd = networks._normalize(x, G, weight, bias, eps) # pylint: disable=protected-access # compiled, its y is dropped
+    scale = networks._stored(rstd) # pylint: disable=protected-access
     shift = networks._stored(-mean * rstd) # pylint: disable=protected-access
-    y = (xg * rstd + shift) * weight.to(dtype).reshape(G, -1) + bias.to(dtype).reshape(G, -1)
+    y = (networks._groups(x.to(dtype), G) * scale + shift) * weight.to(dtype).reshape(G, -1) + bias.to(dtype).reshape(G, -1) # pylint: disable=protected-access
     y = networks._ungroup(y, x.shape) # pylint: disable=protected-access
     return y if networks._autocast_enabled(x.device.type) else y.to(x.dtype) # pylint: disable=protected-access
 
