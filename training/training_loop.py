@@ -301,7 +301,7 @@ def training_loop(
     if world_size > 1:
         ddp = _wrap_ddp(net, device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_scale = DynamicLossScale(loss_scaling) if getattr(net, 'use_fp16', False) else None
+    loss_scale = DynamicLossScale(loss_scaling, device=device) if getattr(net, 'use_fp16', False) else None
     train_net = torch.compile(ddp) if compile else ddp
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
 
@@ -373,15 +373,12 @@ def training_loop(
             for g in optimizer.param_groups:
                 g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
             if loss_scale is None:
-                stepped = True
                 for param in net.parameters():
                     if param.grad is not None:
                         torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-            else: # float16: a step whose gradients overflowed is skipped; the others are all finite
-                stepped = loss_scale.unscale_or_skip(net.parameters())
-                training_stats.report('Loss/skipped_step', 0.0 if stepped else 1.0)
-            if stepped:
                 optimizer.step()
+            else: # float16: a step whose gradients overflowed is skipped; the others are all finite
+                training_stats.report('Loss/skipped_step', loss_scale.step(optimizer, net.parameters()))
 
             # Update EMA.
             ema_halflife_nimg = ema_halflife_kimg * 1000
