@@ -204,6 +204,10 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         if fast and is_cuda:
             opt_kwargs['fused'] = True
         optimizer = torch.optim.Adam(net.parameters(), **opt_kwargs)
+        loss_scale = None
+        if ours and net_kwargs.get('use_fp16'): # train.py --fp16=1: the dynamic loss scale (the reference's is fixed)
+            from training.loss_scale import DynamicLossScale
+            loss_scale = DynamicLossScale(1, device=device)
         batch = batch or cfg['train_batch']
         images = torch.randn([batch, cfg['ch'], cfg['res'], cfg['res']], device=device)
         labels = torch.eye(cfg['label_dim'], device=device)[torch.randint(cfg['label_dim'], [batch], device=device)]
@@ -214,11 +218,14 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=(autocast_dtype is not None)):
                 loss = loss_fn(net=run_net, images=images, labels=labels)
-            loss.sum().mul(1 / batch).backward()
-            for param in net.parameters():
-                if param.grad is not None:
-                    torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-            optimizer.step()
+            loss.sum().mul((loss_scale.scale if loss_scale else 1) / batch).backward()
+            if loss_scale is not None:
+                loss_scale.step(optimizer, net.parameters())
+            else:
+                for param in net.parameters():
+                    if param.grad is not None:
+                        torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+                optimizer.step()
             with torch.no_grad():
                 if fast:
                     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
