@@ -201,8 +201,9 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         autocast_dtype = torch.bfloat16 if mode in ('bf16', 'fast') else None
         loss_fn = EDMLoss()
         opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-        if fast and is_cuda:
-            opt_kwargs['fused'] = True
+        if fast:
+            from training.training_loop import fused_adam_kwargs
+            opt_kwargs.update(fused_adam_kwargs(dict(class_name='torch.optim.Adam'), device))
         optimizer = torch.optim.Adam(net.parameters(), **opt_kwargs)
         loss_scale = None
         if ours and net_kwargs.get('use_fp16'): # train.py --fp16=1: the dynamic loss scale (the reference's is fixed)

@@ -31,6 +31,13 @@ def test_unscale_rescales_to_the_fixed_scale_and_flags_overflow():
     set_grads(params, [1.0, float('nan')], [0.5])
     assert scaler.unscale(params) == 1
 
+def test_gradients_that_the_rescaling_overflows_are_flagged():
+    scaler = DynamicLossScale(loss_scaling=1e38)
+    scaler.scale = torch.tensor(1e8) # finite at 1e8, infinite at 1e38: Adam must not get them
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    set_grads(params, [1.0, 1e9])
+    assert scaler.unscale(params) == 1
+
 @pytest.mark.parametrize('kind', ['sgd', 'adam', 'fused-adam'])
 def test_overflow_skips_and_halves_then_grows_back(kind):
     params = [torch.nn.Parameter(torch.tensor([1.0, 2.0]))]

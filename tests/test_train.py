@@ -24,6 +24,7 @@ import dnnlib
 from conftest import ROOT, run_script, run_torchrun, subprocess_env, write_network_pkl
 
 import train
+from training import training_loop
 
 #----------------------------------------------------------------------------
 # Tiny datasets in the archive format: {i:08d}[:5]/img{i:08d}.png plus dataset.json.
@@ -412,6 +413,24 @@ def test_fp16_run_without_overflow_equals_the_fixed_scale(data, tmp_path):
     assert states['1']['loss_scale'] == dict(scale=100.0, clean_steps=32) and states['0']['loss_scale'] is None
     for name, tensor in states['0']['net'].state_dict().items():
         assert torch.equal(tensor, states['1']['net'].state_dict()[name]), name
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_fp16_overflowing_steps_are_skipped_and_the_scale_halves(data, tmp_path, precision):
+    # --ls=1e37 overflows float32 in the backward pass of the first steps (on the CPU --fp16=1 computes in float32).
+    # Those steps are skipped and the scale halves until the gradients, rescaled to 1e37 for Adam, are finite.
+    # bf16 steps with fused Adam, which skips on the device, where PyTorch has it for the CPU (2.4 and newer).
+    run_script(train_args(tmp_path, data['uncond'], '--duration=0.001', '--workers=0', '--seed=0', '--ls=1e37',
+                          '--fp16=1', '--dump=1', f'--precision={precision}'))
+    (run_dir,) = run_dirs(tmp_path)
+    state = load_state(os.path.join(run_dir, 'training-state-000001.pt'))
+    fused = state['optimizer_state']['param_groups'][0].get('fused')
+    assert bool(fused) == (precision == 'bf16' and training_loop.fused_adam_kwargs(dict(class_name='torch.optim.Adam'), 'cpu') != {})
+    skipped = [json.loads(line)['Loss/skipped_step'] for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    num_skipped = round(sum(s['num'] * s['mean'] for s in skipped))
+    assert skipped[0]['mean'] == 1 and 1 < num_skipped < 16
+    assert float(state['optimizer_state']['state'][0]['step']) == 32 - num_skipped
+    assert 1e35 < state['loss_scale']['scale'] < 1e37
+    assert all(torch.isfinite(p).all() for p in state['net'].parameters())
 
 def test_batch_must_split_over_gpus():
     train.check_batch(32, 8, 2)

@@ -26,17 +26,18 @@ class DynamicLossScale:
 
     def unscale(self, params):
         """After the backward pass: rescale the gradients to the target scale (a skipped step discards them) and
-        return the overflow flag, 1.0 when any gradient is not finite, as a tensor on the device."""
+        return the overflow flag, 1.0 when any gradient is not finite before or after, as a tensor on the device."""
         grads = [p.grad for p in params if p.grad is not None]
         found_inf = torch.zeros([], device=self.scale.device)
         if not grads:
             return found_inf
         factor = self.target / self.scale
-        try: # one fused pass over all gradients
+        try: # fused passes over all gradients: check and rescale, then check what the rescaling overflowed
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, factor)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones_like(factor))
         except (RuntimeError, NotImplementedError, AttributeError): # older builds lack it for this device or dtype
-            found_inf = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
             torch._foreach_mul_(grads, factor)
+            found_inf = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
         return found_inf
 
     def update(self, found_inf):

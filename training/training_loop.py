@@ -98,6 +98,17 @@ def _wrap_ddp(net, device):
 
 _PRECISIONS = ('fp32', 'tf32', 'bf16')
 
+def fused_adam_kwargs(optimizer_kwargs, device):
+    """dict(fused=True) where the optimizer is Adam and PyTorch has its fused kernel for `device` (CUDA;
+    the CPU from PyTorch 2.4): one pass over the parameters, and a float16 step skipped on the device."""
+    if optimizer_kwargs.get('class_name') != 'torch.optim.Adam':
+        return {}
+    try:
+        torch.optim.Adam([torch.zeros([1], device=device, requires_grad=True)], fused=True)
+    except RuntimeError:
+        return {}
+    return dict(fused=True)
+
 #----------------------------------------------------------------------------
 # Random number generator states, per rank, for exact resumption.
 
@@ -294,7 +305,7 @@ def training_loop(
     # Setup optimizer.
     dist.print0('Setting up optimizer...')
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs) # training.loss.(VP|VE|EDM)Loss
-    fused = dict(fused=True) if fast and device.type == 'cuda' and optimizer_kwargs.get('class_name') == 'torch.optim.Adam' else {}
+    fused = fused_adam_kwargs(optimizer_kwargs, device) if fast else {}
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs, **fused) # subclass of torch.optim.Optimizer
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None # training.augment.AugmentPipe
     ddp = net
