@@ -431,6 +431,20 @@ def test_fp16_overflowing_steps_are_skipped_and_the_scale_halves(data, tmp_path,
     assert float(state['optimizer_state']['state'][0]['step']) == 32 - num_skipped
     assert 1e35 < state['loss_scale']['scale'] < 1e37
     assert all(torch.isfinite(p).all() for p in state['net'].parameters())
+    scales = [json.loads(line)['Loss/scale']['mean'] for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert scales[-1] == state['loss_scale']['scale'] and scales[0] == float(np.float32(1e37)) / 2 # one halving by the first tick; the scale is float32
+
+def test_fp16_warns_once_when_every_step_is_skipped(data, tmp_path):
+    # At --ls=1e38 the gradients rescaled for Adam overflow float32 at any backward scale: all 32 steps are skipped,
+    # the scale halves 32 times, and the user is told once, at the first tick past 2^24 halvings.
+    res = run_script(train_args(tmp_path, data['uncond'], '--duration=0.001', '--workers=0', '--seed=0', '--ls=1e38',
+                                '--fp16=1', '--dump=1', '--precision=fp32'))
+    (run_dir,) = run_dirs(tmp_path)
+    state = load_state(os.path.join(run_dir, 'training-state-000001.pt'))
+    assert state['loss_scale']['scale'] == float(np.float32(1e38)) * 2**-32
+    assert 'step' not in state['optimizer_state']['state'].get(0, {})
+    warnings = [line for line in res.stdout.splitlines() if line.startswith('Warning: the float16 loss scale')]
+    assert len(warnings) == 1 and '--ls=1e+38' in warnings[0] and 'every step is skipped' in warnings[0]
 
 def test_batch_must_split_over_gpus():
     train.check_batch(32, 8, 2)

@@ -362,6 +362,7 @@ def training_loop(
         _trim_partial_line(stats_path)
     stop = _StopRequest()
     stop.install()
+    warned_stalled = False # the loss-scale warning is printed once
     try:
         while True:
 
@@ -430,6 +431,12 @@ def training_loop(
             if device.type == 'cuda':
                 torch.cuda.reset_peak_memory_stats(device)
             dist.print0(' '.join(fields), flush=True)
+            if loss_scale is not None:
+                training_stats.report0('Loss/scale', float(loss_scale.scale))
+                if not warned_stalled and loss_scale.stalled():
+                    dist.print0(f'Warning: the float16 loss scale has fallen to {float(loss_scale.scale):g} from --ls={loss_scale.target:g}; '
+                                'the gradients are not finite at any scale and every step is skipped', flush=True)
+                    warned_stalled = True
 
             # Save network snapshot.
             if interrupted or ((snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0)):
