@@ -169,6 +169,27 @@ def test_padded_batches_give_the_same_images():
     for (seeds_a, images_a), (seeds_b, images_b) in zip(runs[False], runs[True]):
         assert seeds_a == seeds_b and images_a.shape == images_b.shape and np.array_equal(images_a, images_b)
 
+@pytest.mark.parametrize('precond', ['EDMPrecond', 'iDDPMPrecond'])
+@pytest.mark.parametrize('churn', [{}, dict(S_churn=40, S_min=0.05, S_max=50)], ids=['no-churn', 'churn'])
+def test_images_are_the_samplers_with_per_seed_noise(precond, churn):
+    # Without churn generate.py hands the sampler zeros for its noise rather than one draw per seed and step:
+    # the sampler's output must be the same, to the bit, as with the per-seed draws the spec gives.
+    net = make_tiny_net(label_dim=LABEL_DIM, precond=precond)
+    seeds = [0, 1, 1000]
+    rnd = generate.StackedRandomGenerator('cpu', seeds)
+    latents = rnd.randn([3, 3, 8, 8])
+    labels = torch.eye(LABEL_DIM)[rnd.randint(LABEL_DIM, size=[3])]
+    calls = []
+    randn_like = lambda x: calls.append(1) or rnd.randn_like(x)
+    expected = generate.edm_sampler(net, latents, labels, randn_like=randn_like, num_steps=6, **churn)
+    assert len(calls) == 6
+    other_noise = generate.edm_sampler(net, latents, labels, num_steps=6, **churn) # global draws: the same only without churn
+    assert torch.equal(other_noise, expected) != bool(churn)
+    ((batch_seeds, images),) = generate.sample_batches(net, seeds, torch.device('cpu'), max_batch_size=3, num_steps=6, **churn)
+    assert batch_seeds == seeds and np.array_equal(images, generate.images_to_uint8(expected))
+    if not churn:
+        assert torch.equal(generate.edm_sampler(net, latents, labels, randn_like=torch.zeros_like, num_steps=6), expected)
+
 def test_compile_close_to_eager(pkls, tmp_path):
     # torch.compile (inductor on the CPU) through the command line; 3 seeds in batches of 2 compile one shape.
     run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path / "eager"}', '--seeds=0-2', '--batch=2', *FAST)
