@@ -432,9 +432,9 @@ def training_loop(
                 torch.cuda.reset_peak_memory_stats(device)
             dist.print0(' '.join(fields), flush=True)
             if loss_scale is not None:
-                training_stats.report0('Loss/scale', float(loss_scale.scale))
+                scale = training_stats.report0('Loss/scale', float(loss_scale.scale))
                 if not warned_stalled and loss_scale.stalled():
-                    dist.print0(f'Warning: the float16 loss scale has fallen to {float(loss_scale.scale):g} from --ls={loss_scale.target:g}; '
+                    dist.print0(f'Warning: the float16 loss scale has fallen to {scale:g} from --ls={loss_scale.target:g}; '
                                 'the gradients are not finite at any scale and every step is skipped', flush=True)
                     warned_stalled = True
 
