@@ -54,6 +54,7 @@ CONFIGS = {
 }
 
 MODES = ['fp32', 'tf32', 'fp16', 'bf16', 'fast']
+FORMS = ['channel-sums', 'cat-stored'] # bench_block.py's variants, for --forms
 
 #----------------------------------------------------------------------------
 # Worker: one measurement, in a fresh process, printed as one JSON line.
@@ -86,7 +87,7 @@ def redraw_small_weights(module):
             if param.ndim > 1 and param.abs().max() < 1e-3:
                 param.normal_(0, param[0].numel() ** -0.5)
 
-def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, inductor='', slow_ops='', train_graphs=False, save_images=None, profile=None):
+def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, inductor='', slow_ops='', forms='', train_graphs=False, save_images=None, profile=None):
     sys.path.insert(0, root)
     import torch
     import dnnlib
@@ -102,6 +103,12 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
     slow = [op for op in slow_ops.split(',') if op]
     freeze = 'freeze' not in slow # compiled sampling; training never freezes its weights
     slow_paths = [op for op in slow if op != 'freeze'] # those of set_fast_paths
+    if forms and ours:
+        from training import networks
+        from bench_block import CATS, NORMS
+        for form in forms.split(','): # for the whole process: the network calls them by their module names
+            networks.group_norm_nhwc = NORMS.get(form, networks.group_norm_nhwc)
+            networks.cat_skip = CATS.get(form, networks.cat_skip)
     torch.manual_seed(0)
 
     net_kwargs = dict(cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
@@ -130,6 +137,8 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
 
     result = dict(config=config_name, mode=mode, params=num_params, gflop=gflop, device=str(device),
                   device_name=torch.cuda.get_device_name(device) if is_cuda else 'cpu', torch=torch.__version__)
+    if forms and ours:
+        result['forms'] = forms
 
     if what == 'sample':
         try:
@@ -313,6 +322,7 @@ def _fmt(value, spec):
 @click.option('--batch', help='Batch size (default: the configuration\'s)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--inductor', help='torch._inductor.config settings for the fast mode, e.g. conv_1x1_as_mm=true', metavar='LIST', type=str, default='')
 @click.option('--slow-ops', help='Fast operations to leave off in our modes, for A/B measurements: those of set_fast_paths (attention,pool,norm,affine), and freeze (compiled sampling with the weights as inputs, not constants)', metavar='LIST', type=str, default='')
+@click.option('--forms', help='Other forms of operations in our fast sampling, for A/B measurements: bench_block.py\'s variants channel-sums and cat-stored', metavar='LIST', type=str, default='')
 @click.option('--train-graphs', help='Replay the compiled network of the fast training step as CUDA graphs (torch.compile mode reduce-overhead)', is_flag=True)
 @click.option('--profile-dir', help='Also profile one more run of each measurement; tables of operations go here', metavar='DIR', type=str, default=None)
 @click.option('--json', 'json_path', help='Also write the results here (rewritten after each measurement)', metavar='PATH', type=str, default=None)
@@ -321,7 +331,7 @@ def _fmt(value, spec):
 @click.option('--root', type=str, default=ROOT, hidden=True)
 @click.option('--save-images', type=str, default=None, hidden=True)
 @click.option('--profile', type=str, default=None, hidden=True)
-def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, slow_ops, train_graphs, profile_dir, json_path, worker, worker_opts, root, save_images, profile):
+def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, slow_ops, forms, train_graphs, profile_dir, json_path, worker, worker_opts, root, save_images, profile):
     """Measure sampling and training speed; with --ref, print our/ref ratios.
 
     Sampled images are compared with this checkout's fp32 images of the same
@@ -354,8 +364,13 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
     for op in filter(None, slow_ops.split(',')):
         if op not in (*FAST_OPS, 'freeze'):
             raise click.ClickException(f'--slow-ops: unknown operation {op!r} (valid: {", ".join(FAST_OPS)}, freeze)')
+    for form in filter(None, forms.split(',')):
+        if form not in FORMS:
+            raise click.ClickException(f'--forms: unknown form {form!r} (valid: {", ".join(FORMS)})')
+    if forms and what != 'sample':
+        raise click.ClickException('--forms: for sampling only (--what=sample); under autograd the forms differ')
     from psnr_dirs import psnr # pylint: disable=import-outside-toplevel
-    opts = dict(steps=steps, iters=iters, batch=batch, inductor=inductor, slow_ops=slow_ops, train_graphs=train_graphs)
+    opts = dict(steps=steps, iters=iters, batch=batch, inductor=inductor, slow_ops=slow_ops, forms=forms, train_graphs=train_graphs)
     roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])
     whats = ['sample', 'train'] if what == 'both' else [what]
     modes = sorted(modes, key=lambda m: m != 'fp32') # fp32 first: the other modes' images are compared with it

@@ -5,7 +5,7 @@ variants that compute the same function, and keep inductor's generated code
 of each, so that a slow kernel can be read and its alternatives timed in
 seconds of compilation rather than minutes.
 
-    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip,channel-sums,group-stored] [--code-dir=DIR]
+    python bench/bench_block.py [--batch=256] [--variants=base,welford,split,split-skip,channel-sums,group-stored,cat-stored] [--code-dir=DIR]
     python bench/bench_block.py --device=cpu --batch=2 --eager      # numerics only
     python bench/bench_block.py --backward                          # training: forward + backward, bf16, no CUDA graphs
 
@@ -13,7 +13,8 @@ Variants:
   base        UNetBlock as the network runs it: norm0 and the 1x1 skip
               convolution both read the concatenation (networks.cat_skip,
               as SongUNet's decoder makes it; run E's figures predate this
-              and timed a plain torch.cat, which inductor laid out NCHW).
+              and timed a plain torch.cat). On CUDA (run F) inductor still
+              wrote the concatenation NCHW.
   welford     base with group_norm_nhwc as run D measured it: Welford
               statistics (torch.var_mean) and the normalisation recomputing
               rsqrt(var + eps), weight and bias for every element; with
@@ -43,6 +44,11 @@ Variants:
               statistics into per-channel scales are gone) and about the
               same traffic, at the cost of one more multiply-add and two
               more (cached) loads per element.
+  cat-stored  base with the concatenation itself laid out channels-last
+              (networks.cat_skip's output through networks._stored, as its
+              inputs already are), so that norm0's kernel writes one tensor
+              and the skip convolution reads the concatenation in place
+              (inference only: under --backward it is base).
 """
 
 import contextlib
@@ -61,7 +67,7 @@ from torch_utils.misc import choose_device # pylint: disable=wrong-import-positi
 from training import networks # pylint: disable=wrong-import-position
 from bench import redraw_small_weights, write_profile # pylint: disable=wrong-import-position
 
-VARIANTS = ('base', 'welford', 'split', 'split-skip', 'channel-sums', 'group-stored')
+VARIANTS = ('base', 'welford', 'split', 'split-skip', 'channel-sums', 'group-stored', 'cat-stored')
 
 #----------------------------------------------------------------------------
 
@@ -136,20 +142,29 @@ def group_norm_group_stored(x, num_groups, weight, bias, eps):
 
 NORMS = {'welford': group_norm_welford, 'channel-sums': group_norm_channel_sums, 'group-stored': group_norm_group_stored}
 
+_cat_skip = networks.cat_skip
+
+def cat_skip_stored(x, skip):
+    """networks.cat_skip with its output laid out as in eager mode (channels-last) when compiled for inference."""
+    return networks._keep_layout(_cat_skip(x, skip)) # pylint: disable=protected-access
+
+CATS = {'cat-stored': cat_skip_stored}
+
 @contextlib.contextmanager
-def norm_of(variant):
-    """The network's group_norm_nhwc, or another form for variants welford, channel-sums and group-stored (while it compiles and runs)."""
-    current = networks.group_norm_nhwc
-    networks.group_norm_nhwc = NORMS.get(variant, current)
+def forms_of(variant):
+    """The network's group_norm_nhwc and cat_skip, or the variant's forms of them (while it compiles and runs)."""
+    current = networks.group_norm_nhwc, networks.cat_skip
+    networks.group_norm_nhwc = NORMS.get(variant, current[0])
+    networks.cat_skip = CATS.get(variant, current[1])
     try:
         yield
     finally:
-        networks.group_norm_nhwc = current
+        networks.group_norm_nhwc, networks.cat_skip = current
 
 def make_fn(blocks, variant):
     def fn(x, skip1, skip2, emb):
         for block, skip in zip(blocks, (skip1, skip2)):
-            if variant in ('base', 'welford', 'channel-sums', 'group-stored'):
+            if variant in ('base', 'welford', 'channel-sums', 'group-stored', 'cat-stored'):
                 x = block(networks.cat_skip(x, skip), emb)
             else:
                 x = block_split(block, x, skip, emb, split_skip=(variant == 'split-skip'))
@@ -199,7 +214,7 @@ def main(batch, variants, device, iters, eager, code_dir, backward):
           + (', forward + backward' if backward else ''), flush=True)
 
     for variant in variants:
-        with norm_of(variant):
+        with forms_of(variant):
             run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, device, eager, iters, code_dir, sync, backward)
 
 def run_variant(blocks, variant, inputs, emb, expected, half_inputs, dtype, device, eager, iters, code_dir, sync, backward):
