@@ -61,10 +61,10 @@ class DynamicLossScale:
         self.update(found_inf)
         return found_inf
 
-    def stalled(self):
-        """True when the scale has halved so far below the target (2^24 times) that the gradients are not finite at
-        any scale, so every step is skipped: the network or data hold non-finite values. Reads the scale back."""
-        return float(self.scale) < self.target * 2**-24
+    def stalled(self, scale):
+        """True when `scale`, the scale as read back, has halved so far below the target (2^24 times) that the
+        gradients are not finite at any scale, so every step is skipped: the network or data hold non-finite values."""
+        return scale < self.target * 2**-24
 
     def state_dict(self):
         return dict(scale=float(self.scale), clean_steps=int(self.clean_steps))

@@ -433,7 +433,7 @@ def training_loop(
             dist.print0(' '.join(fields), flush=True)
             if loss_scale is not None:
                 scale = training_stats.report0('Loss/scale', float(loss_scale.scale))
-                if not warned_stalled and loss_scale.stalled():
+                if not warned_stalled and loss_scale.stalled(scale):
                     dist.print0(f'Warning: the float16 loss scale has fallen to {scale:g} from --ls={loss_scale.target:g}; '
                                 'the gradients are not finite at any scale and every step is skipped', flush=True)
                     warned_stalled = True
