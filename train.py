@@ -109,14 +109,15 @@ def build_config(opts, dataset, world_size=1):
     if opts.transfer is not None:
         if opts.resume is not None:
             raise ValueError('--transfer and --resume cannot be used together')
+        if not dnnlib.util.is_url(opts.transfer, allow_file_urls=True):
+            check_readable(opts.transfer, '--transfer')
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
     elif opts.resume is not None:
         match = STATE_DUMP_RE.fullmatch(os.path.basename(opts.resume))
         if not match:
             raise ValueError(f'--resume must name a training-state-NNNNNN.pt file of a previous run, not {opts.resume}')
-        if not os.path.isfile(opts.resume):
-            raise ValueError(f'--resume: {opts.resume} does not exist')
+        check_readable(opts.resume, '--resume')
         resume_pkl = os.path.join(os.path.dirname(opts.resume), f'network-snapshot-{match.group(1)}.pkl')
         if os.path.isfile(resume_pkl):
             c.resume_pkl = resume_pkl
@@ -124,12 +125,24 @@ def build_config(opts, dataset, world_size=1):
         c.resume_state_dump = opts.resume
 
     # Description string.
+    if opts.desc is not None and any(part in opts.desc for part in ('/', '\\', '..', os.sep)):
+        raise ValueError(f'--desc={opts.desc} must not contain path separators or ".."; it names a folder inside --outdir')
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
     desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{dtype_str}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     return c, desc
+
+def check_readable(path, option):
+    """Raise ValueError unless `path` is a file this process can read."""
+    if not os.path.isfile(path):
+        raise ValueError(f'{option}: {path} does not exist')
+    try:
+        with open(path, 'rb'):
+            pass
+    except OSError as err:
+        raise ValueError(f'{option}: cannot read {path}: {err.strerror}') from None
 
 def check_batch(batch, batch_gpu, world_size):
     if batch % world_size != 0:
@@ -166,6 +179,31 @@ def pick_run_dir(outdir, desc, nosubdir=False):
                 prev_ids.append(int(match.group()))
     cur_id = max(prev_ids, default=-1) + 1
     return os.path.join(outdir, f'{cur_id:05d}-{desc}')
+
+RUN_FILES = re.compile(r'training_options\.json|network-snapshot-\d+\.pkl|training-state-\d+\.pt')
+
+def holds_run(folder):
+    """True when `folder` holds the files of a training run."""
+    return os.path.isdir(folder) and any(RUN_FILES.fullmatch(name) for name in os.listdir(folder))
+
+def create_run_dir(outdir, desc, nosubdir=False, resume=None):
+    """Create and return a new run folder: the next free `{outdir}/{id:05d}-{desc}`, claimed with os.mkdir so that
+    runs started together get different ids. With --nosubdir, `outdir` itself, unless it holds another run
+    (resuming one of its own states is allowed)."""
+    if nosubdir:
+        own_resume = resume is not None and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(outdir)
+        if holds_run(outdir) and not own_resume:
+            raise ValueError(f'--nosubdir: {outdir} already holds a training run; choose another --outdir, or --resume one of its training states')
+        os.makedirs(outdir, exist_ok=True)
+        return outdir
+    os.makedirs(outdir, exist_ok=True)
+    while True:
+        run_dir = pick_run_dir(outdir, desc)
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            continue # another run took this id first
 
 def previous_seed(resume):
     """The seed recorded by the run that wrote the --resume state, or None."""
@@ -283,10 +321,15 @@ def main(**kwargs):
     except ValueError as err:
         raise click.ClickException(str(err)) from None
 
-    # Pick output directory.
+    # Resuming a state that already reaches --duration trains nothing, in the run it came from.
+    if c.get('resume_state_dump') is not None and c.resume_kimg >= c.total_kimg:
+        if not opts.dry_run:
+            c.run_dir = os.path.dirname(c.resume_state_dump) if dist.get_rank() == 0 else None
+            run_training(c, device)
+        return
+
+    # Pick output directory (created below).
     c.run_dir = pick_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None
-    if dist.get_rank() == 0 and not opts.nosubdir and os.path.exists(c.run_dir):
-        raise click.ClickException(f'output directory {c.run_dir} already exists')
 
     # Print options.
     dist.print0()
@@ -314,7 +357,13 @@ def main(**kwargs):
     logger = None
     if dist.get_rank() == 0:
         try:
-            os.makedirs(c.run_dir, exist_ok=True)
+            c.run_dir = create_run_dir(opts.outdir, desc, opts.nosubdir, opts.resume)
+            print(f'Output directory:        {c.run_dir}')
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        except OSError as err:
+            raise click.ClickException(f'cannot create the output directory {c.run_dir} (--outdir): {err.strerror or err}') from None
+        try:
             with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
                 json.dump(c, f, indent=2)
             logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
@@ -323,14 +372,28 @@ def main(**kwargs):
 
     # Train.
     try:
-        training_loop.training_loop(**c, device=device)
-        dist.barrier() # every rank done before the process group goes (gloo may abort a rank torn down mid-exchange)
-        dist.finish()
-    except (ValueError, IOError, MemoryError) as err:
-        raise click.ClickException(str(err)) from None
+        run_training(c, device)
     finally:
         if logger is not None:
             logger.close()
+
+def run_training(c, device):
+    """training_loop(**c); its errors as one line (naming the rank under torchrun)."""
+    prefix = f'rank {dist.get_rank()}: ' if dist.get_world_size() > 1 else ''
+    try:
+        training_loop.training_loop(**c, device=device)
+        dist.barrier() # every rank done before the process group goes (gloo may abort a rank torn down mid-exchange)
+        dist.finish()
+    except dist.PeerError as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise click.ClickException(prefix + dnnlib.util.os_error_message(err)) from None
+    except (ValueError, MemoryError) as err:
+        raise click.ClickException(prefix + str(err)) from None
+    except RuntimeError as err:
+        if not dist.is_peer_error(err):
+            raise
+        raise click.ClickException(dist.peer_error_message(err)) from None
 
 #----------------------------------------------------------------------------
 
