@@ -384,7 +384,7 @@ def test_clear_one_line_errors_of_real_runs(case, baseline, data, tmp_path):
     snapshot = os.path.join(baseline['run_dir'], 'network-snapshot-000001.pkl')
     (tmp_path / 'afile').write_text('')
     outdir, extra, expected = {
-        'state-without-ema-or-snapshot': ('runs', [f'--resume={reference_layout}'], f'{reference_layout} holds no EMA'),
+        'state-without-ema-or-snapshot': ('runs', [f'--resume={reference_layout}', '--duration=0.002'], f'{reference_layout} holds no EMA'),
         'transfer-shape-mismatch':       ('runs', [f'--transfer={snapshot}', '--cbase=8'], f'{snapshot}: shape mismatch'),
         'outdir-is-a-file':              ('afile', [], '(--outdir)'),
         'unknown-device':                ('runs', ['--device=bogus'], '--device=bogus is not a device name'),
