@@ -48,7 +48,7 @@ def describe_dataset(dataset_kwargs):
 def dataset_kwargs_from_opts(opts):
     return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
 
-def build_config(opts, dataset, world_size=1):
+def build_config(opts, dataset, world_size=1, device_type='cuda'):
     """Turn the command-line options into the training config dict and the run description.
 
     `opts` holds the click options (with `seed` already chosen), `dataset` the
@@ -99,7 +99,8 @@ def build_config(opts, dataset, world_size=1):
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
     if opts.precision != 'fp32' or opts.compile: # recorded only when used, so default configs stay as the reference writes them
         c.update(precision=opts.precision, compile=opts.compile)
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    tick = int(opts.tick) if float(opts.tick).is_integer() else opts.tick # whole kimg recorded as the reference does
+    c.update(kimg_per_tick=tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     check_batch(opts.batch, opts.batch_gpu, world_size)
 
     # Random seed.
@@ -129,7 +130,8 @@ def build_config(opts, dataset, world_size=1):
         raise ValueError(f'--desc={opts.desc} must not contain path separators or ".."; it names a folder inside --outdir')
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
-    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{dtype_str}'
+    devices_str = f'gpus{world_size}' if device_type != 'cpu' else ('cpu' if world_size == 1 else f'cpu{world_size}')
+    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-{devices_str}-batch{c.batch_size}-{dtype_str}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     return c, desc
@@ -269,7 +271,7 @@ def parse_int_list(_ctx, _param, value):
 # I/O-related.
 @click.option('--desc',          help='String to include in result dir name', metavar='STR',        type=str)
 @click.option('--nosubdir',      help='Do not create a subdirectory for results',                   is_flag=True)
-@click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
@@ -297,9 +299,10 @@ def main(**kwargs):
     option that continues it, and exits with status 0.
 
     \b
-    # Train a tiny model on the CPU
-    python train.py --outdir=training-runs --data=datasets/cifar10-32x32.zip \\
-        --cond=1 --arch=ddpmpp --cbase=32 --cres=1,2,2 --batch=32 --device=cpu
+    # A small CPU run that finishes in minutes (README: the digits dataset)
+    python train.py --device=cpu --outdir=training-runs --data=datasets/digits-16x16.zip \\
+        --cond=1 --cbase=32 --cres=1,2,2 --batch=64 --augment=0 \\
+        --duration=0.02 --tick=2 --snap=5 --dump=5 --lr-rampup=2
     """
     opts = dnnlib.EasyDict(kwargs)
     try:
@@ -317,7 +320,7 @@ def main(**kwargs):
     if opts.seed is None:
         opts.seed = random_seed(device)
     try:
-        c, desc = build_config(opts, dataset, world_size=dist.get_world_size())
+        c, desc = build_config(opts, dataset, world_size=dist.get_world_size(), device_type=device.type)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
 

@@ -4,6 +4,7 @@ and a full disk named in one line."""
 
 import glob
 import io
+import json
 import multiprocessing
 import os
 import pickle
@@ -235,3 +236,32 @@ def test_full_disk_names_the_file(small_disk, data, victim):
     (run_dir,) = run_dirs(small_disk / 'runs')
     assert res.stderr.strip().splitlines()[-1] == f'Error: No space left on device: {os.path.join(run_dir, victim)}', res.stderr
     assert not glob.glob(os.path.join(run_dir, '.*tmp*')) # the temporary is removed
+
+#----------------------------------------------------------------------------
+# Progress: the tick line's loss and learning rate, fractional ticks, CPU threads, the run name.
+
+def test_fractional_ticks_show_loss_and_learning_rate(data, tmp_path):
+    res = run_script(train_args(tmp_path, data['good'], '--duration=0.001', '--tick=0.5', '--lr-rampup=1', '--workers=0'))
+    ticks = [line.split() for line in res.stdout.splitlines() if line.startswith('tick ')]
+    assert [t[3] for t in ticks] == ['0.008', '0.512', '1.000'] # after 1, 64 and 125 steps of 8 images
+    with open(os.path.join(run_dirs(tmp_path)[0], 'stats.jsonl')) as f:
+        stats = [json.loads(line) for line in f]
+    for fields, line in zip(ticks, stats):
+        assert fields[4] == 'loss' and float(fields[5]) == pytest.approx(line['Loss/loss']['mean'], rel=1e-3) # one process: the same mean
+        assert fields[6] == 'lr' and float(fields[7]) == pytest.approx(line['Progress/lr']['mean'], rel=1e-2)
+    # The learning rate ramps up over --lr-rampup=1 kimg: it is read at the last step of each tick.
+    assert [float(t[7]) for t in ticks] == pytest.approx([0, 1e-3 * 504 / 1000, 1e-3 * 992 / 1000], rel=1e-2)
+    assert os.path.basename(run_dirs(tmp_path)[0]).endswith('-cpu-batch8-fp32')
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    from torch_utils import misc # pylint: disable=import-outside-toplevel
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    assert misc.cpu_threads() is None # the user's choice stands
+    monkeypatch.delenv('OMP_NUM_THREADS')
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))
+    assert 1 <= misc.cpu_threads() <= cores
+    monkeypatch.setattr(os, 'getloadavg', lambda: (cores + 5.0, 0.0, 0.0))
+    assert misc.cpu_threads() == 1
+    monkeypatch.setattr(os, 'getloadavg', lambda: (1.0, 0.0, 0.0)) # one other busy process
+    assert misc.cpu_threads() == max(1, min(cores, misc.psutil.cpu_count(logical=False) or cores) - 1)

@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import training_stats
-from .misc import choose_device
+from .misc import choose_device, set_cpu_threads
 
 #----------------------------------------------------------------------------
 
@@ -37,6 +37,8 @@ def init(device=None):
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']) % torch.cuda.device_count())
     if device.type == 'cuda':
         torch.cuda.set_device(device)
+    if device.type == 'cpu':
+        set_cpu_threads(int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])))
 
     world_size = int(os.environ['WORLD_SIZE'])
     if world_size > 1 and not torch.distributed.is_initialized():

@@ -430,6 +430,8 @@ def training_loop(
     if sampler_idx > 0 and sampler_state is None:
         dist.print0(f'Fast-forwarding the data order to image {sampler_idx}...')
     dataset_iterator = iter(dataset_loader)
+    kimg_digits = 1 if float(kimg_per_tick).is_integer() else 3 # fractional ticks (--tick=0.25) show them
+    tick_loss, tick_loss_num = torch.zeros([], dtype=torch.float64, device=device), 0 # this rank's loss sum of the tick
     try:
         while True:
 
@@ -444,6 +446,8 @@ def training_loop(
                         with autocast():
                             loss = loss_fn(net=train_net, images=images, labels=labels, augment_pipe=augment_pipe)
                         training_stats.report('Loss/loss', loss)
+                        tick_loss.add_(loss.detach().sum().to(tick_loss)) # on the device: read once per tick
+                        tick_loss_num += loss.numel()
                         loss.sum().mul((loss_scale.scale if loss_scale else loss_scaling) / batch_gpu_total).backward()
             except _OOM_ERRORS:
                 raise MemoryError(_oom_message(batch_gpu, num_accumulation_rounds)) from None
@@ -485,7 +489,11 @@ def training_loop(
             tick_end_time = time.time()
             fields = []
             fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-            fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
+            fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.{kimg_digits}f}"]
+            fields += [f"loss {float(tick_loss) / max(tick_loss_num, 1):<8.4f}"]
+            fields += [f"lr {training_stats.report0('Progress/lr', optimizer.param_groups[0]['lr']):<9.3g}"]
+            tick_loss.zero_()
+            tick_loss_num = 0
             fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
             fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
             fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
