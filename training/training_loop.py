@@ -1,6 +1,7 @@
 """Main training loop: data, network, optimiser, EMA, ticks, snapshots,
 state dumps and exact resumption."""
 
+import atexit
 import contextlib
 import copy
 import inspect
@@ -346,6 +347,10 @@ def training_loop(
     if device.type != 'cuda':
         loader_kwargs['pin_memory'] = False # pinning needs an accelerator
     dataset_loader = torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **loader_kwargs)
+    if sampler_idx > 0 and sampler_state is None:
+        dist.print0(f'Fast-forwarding the data order to image {sampler_idx}...')
+    dataset_iterator = iter(dataset_loader) # draws the workers' seed from torch's generator: before the network, as always
+    atexit.register(_close_data_loader, dataset_iterator) # an error before the loop below: stopped at exit, before multiprocessing joins them
 
     # Construct network.
     dist.print0('Constructing network...')
@@ -427,9 +432,6 @@ def training_loop(
     stop = _StopRequest()
     stop.install()
     warned_stalled = False # the loss-scale warning is printed once
-    if sampler_idx > 0 and sampler_state is None:
-        dist.print0(f'Fast-forwarding the data order to image {sampler_idx}...')
-    dataset_iterator = iter(dataset_loader)
     kimg_digits = 1 if float(kimg_per_tick).is_integer() else 3 # fractional ticks (--tick=0.25) show them
     tick_loss, tick_loss_num = torch.zeros([], dtype=torch.float64, device=device), 0 # this rank's loss sum of the tick
     try:
@@ -559,6 +561,7 @@ def training_loop(
     finally:
         stop.uninstall()
         _close_data_loader(dataset_iterator)
+        atexit.unregister(_close_data_loader)
 
     # Done.
     dist.print0()
