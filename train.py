@@ -48,7 +48,7 @@ def describe_dataset(dataset_kwargs):
 def dataset_kwargs_from_opts(opts):
     return dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache)
 
-def build_config(opts, dataset, world_size=1):
+def build_config(opts, dataset, world_size=1, device_type='cuda'):
     """Turn the command-line options into the training config dict and the run description.
 
     `opts` holds the click options (with `seed` already chosen), `dataset` the
@@ -99,7 +99,8 @@ def build_config(opts, dataset, world_size=1):
     c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
     if opts.precision != 'fp32' or opts.compile: # recorded only when used, so default configs stay as the reference writes them
         c.update(precision=opts.precision, compile=opts.compile)
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    tick = int(opts.tick) if float(opts.tick).is_integer() else opts.tick # whole kimg recorded as the reference does
+    c.update(kimg_per_tick=tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     check_batch(opts.batch, opts.batch_gpu, world_size)
 
     # Random seed.
@@ -109,14 +110,15 @@ def build_config(opts, dataset, world_size=1):
     if opts.transfer is not None:
         if opts.resume is not None:
             raise ValueError('--transfer and --resume cannot be used together')
+        if not dnnlib.util.is_url(opts.transfer, allow_file_urls=True):
+            check_readable(opts.transfer, '--transfer')
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
     elif opts.resume is not None:
         match = STATE_DUMP_RE.fullmatch(os.path.basename(opts.resume))
         if not match:
             raise ValueError(f'--resume must name a training-state-NNNNNN.pt file of a previous run, not {opts.resume}')
-        if not os.path.isfile(opts.resume):
-            raise ValueError(f'--resume: {opts.resume} does not exist')
+        check_readable(opts.resume, '--resume')
         resume_pkl = os.path.join(os.path.dirname(opts.resume), f'network-snapshot-{match.group(1)}.pkl')
         if os.path.isfile(resume_pkl):
             c.resume_pkl = resume_pkl
@@ -124,12 +126,25 @@ def build_config(opts, dataset, world_size=1):
         c.resume_state_dump = opts.resume
 
     # Description string.
+    if opts.desc is not None and any(part in opts.desc for part in ('/', '\\', '..', os.sep)):
+        raise ValueError(f'--desc={opts.desc} must not contain path separators or ".."; it names a folder inside --outdir')
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
-    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{dtype_str}'
+    devices_str = f'gpus{world_size}' if device_type != 'cpu' else ('cpu' if world_size == 1 else f'cpu{world_size}')
+    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-{devices_str}-batch{c.batch_size}-{dtype_str}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     return c, desc
+
+def check_readable(path, option):
+    """Raise ValueError unless `path` is a file this process can read."""
+    if not os.path.isfile(path):
+        raise ValueError(f'{option}: {path} does not exist')
+    try:
+        with open(path, 'rb'):
+            pass
+    except OSError as err:
+        raise ValueError(f'{option}: cannot read {path}: {err.strerror}') from None
 
 def check_batch(batch, batch_gpu, world_size):
     if batch % world_size != 0:
@@ -166,6 +181,31 @@ def pick_run_dir(outdir, desc, nosubdir=False):
                 prev_ids.append(int(match.group()))
     cur_id = max(prev_ids, default=-1) + 1
     return os.path.join(outdir, f'{cur_id:05d}-{desc}')
+
+RUN_FILES = re.compile(r'training_options\.json|network-snapshot-\d+\.pkl|training-state-\d+\.pt')
+
+def holds_run(folder):
+    """True when `folder` holds the files of a training run."""
+    return os.path.isdir(folder) and any(RUN_FILES.fullmatch(name) for name in os.listdir(folder))
+
+def create_run_dir(outdir, desc, nosubdir=False, resume=None):
+    """Create and return a new run folder: the next free `{outdir}/{id:05d}-{desc}`, claimed with os.mkdir so that
+    runs started together get different ids. With --nosubdir, `outdir` itself, unless it holds another run
+    (resuming one of its own states is allowed)."""
+    if nosubdir:
+        own_resume = resume is not None and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(outdir)
+        if holds_run(outdir) and not own_resume:
+            raise ValueError(f'--nosubdir: {outdir} already holds a training run; choose another --outdir, or --resume one of its training states')
+        os.makedirs(outdir, exist_ok=True)
+        return outdir
+    os.makedirs(outdir, exist_ok=True)
+    while True:
+        run_dir = pick_run_dir(outdir, desc)
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            continue # another run took this id first
 
 def previous_seed(resume):
     """The seed recorded by the run that wrote the --resume state, or None."""
@@ -231,7 +271,7 @@ def parse_int_list(_ctx, _param, value):
 # I/O-related.
 @click.option('--desc',          help='String to include in result dir name', metavar='STR',        type=str)
 @click.option('--nosubdir',      help='Do not create a subdirectory for results',                   is_flag=True)
-@click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
@@ -259,9 +299,10 @@ def main(**kwargs):
     option that continues it, and exits with status 0.
 
     \b
-    # Train a tiny model on the CPU
-    python train.py --outdir=training-runs --data=datasets/cifar10-32x32.zip \\
-        --cond=1 --arch=ddpmpp --cbase=32 --cres=1,2,2 --batch=32 --device=cpu
+    # A small CPU run that finishes in minutes (README: the digits dataset)
+    python train.py --device=cpu --outdir=training-runs --data=datasets/digits-16x16.zip \\
+        --cond=1 --cbase=32 --cres=1,2,2 --batch=64 --augment=0 \\
+        --duration=0.02 --tick=2 --snap=5 --dump=5 --lr-rampup=2
     """
     opts = dnnlib.EasyDict(kwargs)
     try:
@@ -279,14 +320,19 @@ def main(**kwargs):
     if opts.seed is None:
         opts.seed = random_seed(device)
     try:
-        c, desc = build_config(opts, dataset, world_size=dist.get_world_size())
+        c, desc = build_config(opts, dataset, world_size=dist.get_world_size(), device_type=device.type)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
 
-    # Pick output directory.
+    # Resuming a state that already reaches --duration trains nothing, in the run it came from.
+    if c.get('resume_state_dump') is not None and c.resume_kimg >= c.total_kimg:
+        if not opts.dry_run:
+            c.run_dir = os.path.dirname(c.resume_state_dump) if dist.get_rank() == 0 else None
+            run_training(c, device)
+        return
+
+    # Pick output directory (created below).
     c.run_dir = pick_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None
-    if dist.get_rank() == 0 and not opts.nosubdir and os.path.exists(c.run_dir):
-        raise click.ClickException(f'output directory {c.run_dir} already exists')
 
     # Print options.
     dist.print0()
@@ -314,7 +360,13 @@ def main(**kwargs):
     logger = None
     if dist.get_rank() == 0:
         try:
-            os.makedirs(c.run_dir, exist_ok=True)
+            c.run_dir = create_run_dir(opts.outdir, desc, opts.nosubdir, opts.resume)
+            print(f'Output directory:        {c.run_dir}')
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        except OSError as err:
+            raise click.ClickException(f'cannot create the output directory {c.run_dir} (--outdir): {err.strerror or err}') from None
+        try:
             with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
                 json.dump(c, f, indent=2)
             logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
@@ -323,14 +375,28 @@ def main(**kwargs):
 
     # Train.
     try:
-        training_loop.training_loop(**c, device=device)
-        dist.barrier() # every rank done before the process group goes (gloo may abort a rank torn down mid-exchange)
-        dist.finish()
-    except (ValueError, IOError, MemoryError) as err:
-        raise click.ClickException(str(err)) from None
+        run_training(c, device)
     finally:
         if logger is not None:
             logger.close()
+
+def run_training(c, device):
+    """training_loop(**c); its errors as one line (naming the rank under torchrun)."""
+    prefix = f'rank {dist.get_rank()}: ' if dist.get_world_size() > 1 else ''
+    try:
+        training_loop.training_loop(**c, device=device)
+        dist.barrier() # every rank done before the process group goes (gloo may abort a rank torn down mid-exchange)
+        dist.finish()
+    except dist.PeerError as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise click.ClickException(prefix + dnnlib.util.os_error_message(err)) from None
+    except (ValueError, MemoryError) as err:
+        raise click.ClickException(prefix + str(err)) from None
+    except RuntimeError as err:
+        if not dist.is_peer_error(err):
+            raise
+        raise click.ClickException(dist.peer_error_message(err)) from None
 
 #----------------------------------------------------------------------------
 

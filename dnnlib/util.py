@@ -48,6 +48,7 @@ class Logger(object):
 
     def __init__(self, file_name: Optional[str] = None, file_mode: str = "w", should_flush: bool = True):
         self.file = None
+        self.file_name = file_name
         if file_name is not None:
             self.file = open(file_name, file_mode)
         self.should_flush = should_flush
@@ -67,30 +68,45 @@ class Logger(object):
             text = text.decode()
         if len(text) == 0: # workaround for a bug in VSCode debugger: sys.stdout.write(''); sys.stdout.flush() => crash
             return
-        if self.file is not None:
-            self.file.write(text)
         self.stdout.write(text)
+        if self.file is not None:
+            self._to_file(self.file.write, text)
         if self.should_flush:
             self.flush()
 
     def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
         self.stdout.flush()
+        if self.file is not None:
+            self._to_file(self.file.flush)
+
+    def _to_file(self, op, *args) -> None:
+        """op(*args) on the log file; when it fails (a full disk), stop teeing and raise an OSError naming the file."""
+        try:
+            op(*args)
+        except OSError as err:
+            file, self.file = self.file, None # the error message itself still reaches the terminal
+            try:
+                file.close()
+            except OSError:
+                pass
+            raise OSError(err.errno, err.strerror, self.file_name) from None
 
     def isatty(self) -> bool:
         return False
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        except OSError:
+            pass # already reported by the write that failed
         # If using multiple loggers, prevent closing in the wrong order.
         if sys.stdout is self:
             sys.stdout = self.stdout
         if sys.stderr is self:
             sys.stderr = self.stderr
         if self.file is not None:
-            self.file.close()
-            self.file = None
+            file, self.file = self.file, None
+            file.close()
 
 #----------------------------------------------------------------------------
 # Cache directories.
@@ -203,6 +219,22 @@ def _temp_name(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f'.{name}.tmp-{uuid.uuid4().hex[:8]}')
 
+def os_error_behind(err: BaseException) -> Optional[OSError]:
+    """`err` if it is an OSError, else the OSError it wraps (torch.save reports a full disk as a RuntimeError of its C++ writer)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+def os_error_message(err: OSError) -> str:
+    """One line for an OSError: 'No space left on device: <path>' where it names a file."""
+    if err.filename is not None and err.strerror:
+        return f'{err.strerror}: {err.filename}'
+    return str(err)
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; rename it to `path` on success, delete it on error."""
@@ -212,11 +244,14 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.isdir(tmp) and not os.path.islink(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.lexists(tmp):
             os.remove(tmp)
+        os_error = os_error_behind(err) if isinstance(err, Exception) else None
+        if os_error is not None and os_error.filename in (None, tmp):
+            raise OSError(os_error.errno, os_error.strerror, path) from None # e.g. 'No space left on device' naming the file
         raise
 
 @contextlib.contextmanager

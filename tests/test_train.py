@@ -99,7 +99,7 @@ def baseline(data, tmp_path_factory):
 
 def test_run_writes_every_file(baseline, data):
     run_dir = baseline['run_dir']
-    assert os.path.basename(run_dir) == '00000-tiny8-uncond-ddpmpp-edm-gpus1-batch32-fp32'
+    assert os.path.basename(run_dir) == '00000-tiny8-uncond-ddpmpp-edm-cpu-batch32-fp32'
     names = sorted(os.listdir(run_dir))
     assert names == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'network-snapshot-000002.pkl',
                      'stats.jsonl', 'training-state-000001.pt', 'training-state-000002.pt', 'training_options.json']
@@ -116,7 +116,7 @@ def test_run_writes_every_file(baseline, data):
         log = f.read()
     ticks = [line for line in log.splitlines() if line.startswith('tick ')]
     assert [line.split()[1] for line in ticks] == ['0', '1', '2']
-    for field in ['kimg', 'time', 'sec/tick', 'sec/kimg', 'maintenance', 'cpumem', 'gpumem', 'reserved']:
+    for field in ['kimg', 'loss', 'lr', 'time', 'sec/tick', 'sec/kimg', 'maintenance', 'cpumem', 'gpumem', 'reserved']:
         assert f' {field} ' in ticks[0]
 
     with open(os.path.join(run_dir, 'stats.jsonl')) as f:
@@ -262,7 +262,7 @@ def test_torchrun_two_processes(data, tmp_path):
     res = run_torchrun(train_args(tmp_path, data['uncond'], '--arch=ncsnpp', '--duration=0.001', '--batch-gpu=8', '--seed=1',
                                   '--workers=0', '--snap=1'))
     (run_dir,) = run_dirs(tmp_path)
-    assert os.path.basename(run_dir) == '00000-tiny8-uncond-ncsnpp-edm-gpus2-batch32-fp32'
+    assert os.path.basename(run_dir) == '00000-tiny8-uncond-ncsnpp-edm-cpu2-batch32-fp32'
     assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'stats.jsonl',
                                            'training-state-000001.pt', 'training_options.json']
     assert res.stdout.count('tick 1 ') == 1 # rank 0 prints
@@ -384,7 +384,7 @@ def test_clear_one_line_errors_of_real_runs(case, baseline, data, tmp_path):
     snapshot = os.path.join(baseline['run_dir'], 'network-snapshot-000001.pkl')
     (tmp_path / 'afile').write_text('')
     outdir, extra, expected = {
-        'state-without-ema-or-snapshot': ('runs', [f'--resume={reference_layout}'], f'{reference_layout} holds no EMA'),
+        'state-without-ema-or-snapshot': ('runs', [f'--resume={reference_layout}', '--duration=0.002'], f'{reference_layout} holds no EMA'),
         'transfer-shape-mismatch':       ('runs', [f'--transfer={snapshot}', '--cbase=8'], f'{snapshot}: shape mismatch'),
         'outdir-is-a-file':              ('afile', [], '(--outdir)'),
         'unknown-device':                ('runs', ['--device=bogus'], '--device=bogus is not a device name'),

@@ -2,6 +2,7 @@
 NCCL on CUDA, gloo on the CPU."""
 
 import atexit
+import datetime
 import os
 import sys
 import time
@@ -9,7 +10,7 @@ import time
 import torch
 
 from . import training_stats
-from .misc import choose_device
+from .misc import choose_device, set_cpu_threads
 
 #----------------------------------------------------------------------------
 
@@ -36,11 +37,13 @@ def init(device=None):
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']) % torch.cuda.device_count())
     if device.type == 'cuda':
         torch.cuda.set_device(device)
+    if device.type == 'cpu':
+        set_cpu_threads(int(os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])))
 
     world_size = int(os.environ['WORLD_SIZE'])
     if world_size > 1 and not torch.distributed.is_initialized():
         backend = 'nccl' if device.type == 'cuda' and sys.platform != 'win32' else 'gloo'
-        torch.distributed.init_process_group(backend=backend, init_method='env://')
+        torch.distributed.init_process_group(backend=backend, init_method='env://', timeout=datetime.timedelta(seconds=collective_timeout()))
         if backend == 'gloo':
             atexit.register(finish) # gloo's threads abort the process at interpreter teardown otherwise
 
@@ -50,6 +53,25 @@ def init(device=None):
     except RuntimeError:
         pass # already synced once in this process (e.g. init() called twice)
     return device
+
+#----------------------------------------------------------------------------
+# How long a rank waits for the others in one collective before it gives up.
+
+TIMEOUT_ENV = 'EDM_COLLECTIVE_TIMEOUT'
+DEFAULT_TIMEOUT = 300 # seconds
+
+def collective_timeout():
+    """Seconds a collective waits for the other ranks: $EDM_COLLECTIVE_TIMEOUT, else DEFAULT_TIMEOUT."""
+    value = os.environ.get(TIMEOUT_ENV, '')
+    if value == '':
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1
+    if not seconds > 0:
+        raise ValueError(f'{TIMEOUT_ENV}={value} must be a positive number of seconds')
+    return seconds
 
 #----------------------------------------------------------------------------
 
@@ -75,13 +97,31 @@ def get_world_size():
 #----------------------------------------------------------------------------
 
 class PeerError(ConnectionError):
-    """A collective failed because another process of the run stopped; that process reports why."""
+    """A collective failed because another process of the run stopped or stopped answering; that process reports why."""
+
+_DIST_ERRORS = tuple(getattr(torch.distributed, name) for name in ('DistError',) if hasattr(torch.distributed, name))
+
+def is_peer_error(err):
+    """True when `err` is a failed collective of a multi-process run (a peer gone, or silent past the timeout)."""
+    if isinstance(err, PeerError):
+        return True
+    if get_world_size() == 1 or not isinstance(err, RuntimeError):
+        return False
+    text = str(err)
+    return isinstance(err, _DIST_ERRORS) or any(word in text for word in ('gloo', 'Gloo', 'NCCL', 'Connection closed', 'Connection reset', 'Timed out'))
+
+def peer_error_message(err):
+    """One line for a failed collective, naming this rank and the timeout."""
+    timed_out = 'timed out' in str(err).lower() or 'timeout' in str(err).lower()
+    if timed_out:
+        return f'rank {get_rank()} had no answer from another process of this run within {collective_timeout():g} s ({TIMEOUT_ENV})'
+    return f'another process of this run stopped, so rank {get_rank()} stops too; its error says why'
 
 def _collective(op, *args):
     try:
         op(*args)
-    except RuntimeError as err: # gloo: the peer closed its connection
-        raise PeerError(f'another process of this run stopped, so rank {get_rank()} stops too; its error says why') from err
+    except RuntimeError as err: # gloo: the peer closed its connection, or the timeout passed
+        raise PeerError(peer_error_message(err)) from err
 
 def barrier():
     if torch.distributed.is_initialized():

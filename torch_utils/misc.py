@@ -2,10 +2,12 @@
 sampler, copying weights by name, DDP helpers and the module summary."""
 
 import contextlib
+import os
 import re
 import warnings
 
 import numpy as np
+import psutil
 import torch
 
 import dnnlib
@@ -26,6 +28,26 @@ def choose_device(device=None):
     if device.type == 'mps' and not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
         raise ValueError(f'device {device} requested but MPS is not available; use --device=cpu')
     return device
+
+#----------------------------------------------------------------------------
+# CPU threads: as many as there are idle physical cores, so that a busy machine is not oversubscribed.
+
+def cpu_threads(num_processes=1):
+    """Threads per process for CPU work: the idle physical cores (this process may use; one-minute load average
+    subtracted) shared by `num_processes`, at least one. None when OMP_NUM_THREADS is set: the user chose."""
+    if os.environ.get('OMP_NUM_THREADS'):
+        return None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    cores = min(usable, psutil.cpu_count(logical=False) or usable)
+    busy = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0
+    return max(1, int(cores - round(busy)) // max(num_processes, 1))
+
+def set_cpu_threads(num_processes=1):
+    """torch.set_num_threads(cpu_threads(...)) unless OMP_NUM_THREADS is set; returns the thread count in use."""
+    threads = cpu_threads(num_processes)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 #----------------------------------------------------------------------------
 # Cached construction of constant tensors. Avoids CPU=>GPU copy when the

@@ -1,6 +1,8 @@
 """Main training loop: data, network, optimiser, EMA, ticks, snapshots,
 state dumps and exact resumption."""
 
+import atexit
+import contextlib
 import copy
 import inspect
 import json
@@ -59,9 +61,33 @@ class _StopRequest:
         self.requested = True
 
 def _worker_init(_worker_id):
-    # Data loader workers leave SIGINT/SIGTERM to the main process, which stops cleanly.
+    # Data loader workers leave SIGINT/SIGTERM to the main process, which stops cleanly (and stops them: _close_data_loader).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+def _close_data_loader(iterator):
+    """Stop the data loader's worker processes now, on every way out of the loop. Left to the interpreter's exit, which
+    skips the loader's own shutdown and sends them the SIGTERM they ignore, an error would wait for them forever."""
+    shutdown = getattr(iterator, '_shutdown_workers', None)
+    if shutdown is not None:
+        shutdown() # asks each worker to finish, and waits a few seconds
+    for worker in getattr(iterator, '_workers', []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+def _next_batch(iterator):
+    """The next (images, labels). A worker's error arrives with the worker's traceback in its message; keep the
+    error's own last line (the dataset's names the file)."""
+    try:
+        return next(iterator)
+    except (ValueError, OSError, RuntimeError, TypeError, KeyError, IndexError) as err:
+        text = str(err)
+        if 'Original Traceback' not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        kind, _, message = last.partition(': ')
+        raise ValueError(message if message and kind.isidentifier() else last) from None
 
 _stop_group = None # gloo process group for the stop flag, so that checking it never waits for the GPU
 
@@ -169,6 +195,34 @@ def _copy_by_name(src_module, dst_module, source_name):
     except ValueError as err:
         raise ValueError(f'{source_name}: {err}') from None
 
+def _snapshot_path(run_dir, cur_nimg):
+    return os.path.join(run_dir, f'network-snapshot-{cur_nimg//1000:06d}.pkl')
+
+def _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency=False):
+    """What a network snapshot holds: the faithful EMA network, loss and augmentation (copies, eval, on the CPU)."""
+    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+    for key, value in data.items():
+        if isinstance(value, torch.nn.Module):
+            value = copy.deepcopy(value).eval().requires_grad_(False)
+            set_fast_paths(value, False) # snapshots always hold the faithful network
+            value = value.to(memory_format=torch.contiguous_format)
+            if check_consistency:
+                misc.check_ddp_consistency(value)
+            data[key] = value.cpu()
+        del value # conserve memory
+    return data
+
+def _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg, loss_kwargs, augment_kwargs, dataset_kwargs):
+    """Resuming a state that already reaches total_kimg trains nothing; a run stopped between its last state dump and
+    its last snapshot gets that snapshot, from the state's EMA (the network it would have held)."""
+    snapshot_path = _snapshot_path(run_dir, cur_nimg) if run_dir is not None else None
+    if snapshot_path is not None and not os.path.isfile(snapshot_path) and state.get('ema') is not None:
+        loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+        augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
+        _write_file(snapshot_path, pickle.dump, _snapshot_data(state['ema'], loss_fn, augment_pipe, dataset_kwargs))
+        dist.print0(f'Wrote the missing final snapshot {snapshot_path}')
+    dist.print0(f'Training is already complete: {resume_state_dump} is at {cur_nimg / 1000:g} kimg of {total_kimg} kimg (--duration); nothing to train.')
+
 def _write_file(path, dump, data):
     """dump(data, file) into `path`, which appears only once complete."""
     with dnnlib.util.atomic_write(path, 'wb') as f:
@@ -177,16 +231,26 @@ def _write_file(path, dump, data):
 def _trim_partial_line(path):
     """Cut a text file back to its last complete line: an append cut short by a crash leaves a partial one."""
     if os.path.isfile(path):
-        with open(path, 'rb+') as f:
+        with _naming(path), open(path, 'rb+') as f:
             data = f.read()
             f.truncate(data.rfind(b'\n') + 1)
 
 def _append_line(path, line):
     """Append one line to a text file and make it durable: one tick's statistics cost the same at any length of run."""
-    with open(path, 'at') as f:
+    with _naming(path), open(path, 'at') as f:
         f.write(line + '\n')
         f.flush()
         os.fsync(f.fileno())
+
+@contextlib.contextmanager
+def _naming(path):
+    """An OSError of the block (such as a full disk) names `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, path) from None
 
 #----------------------------------------------------------------------------
 
@@ -259,6 +323,10 @@ def training_loop(
         if state.get('batch_size', batch_size) != batch_size or state.get('world_size', world_size) != world_size:
             dist.print0(f'Note: the state was saved with batch {state.get("batch_size")} on {state.get("world_size")} GPUs; '
                         f'resuming with batch {batch_size} on {world_size} GPUs does not repeat the original run exactly.')
+    if state is not None and cur_nimg >= total_kimg * 1000:
+        if rank == 0:
+            _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg, loss_kwargs, augment_kwargs, dataset_kwargs)
+        return
     sampler_idx = int(state['sampler_idx']) if state is not None and 'sampler_idx' in state else cur_nimg
     sampler_state = state.get('sampler_state') if state is not None else None # the data order's walk at sampler_idx
 
@@ -281,7 +349,8 @@ def training_loop(
     dataset_loader = torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **loader_kwargs)
     if sampler_idx > 0 and sampler_state is None:
         dist.print0(f'Fast-forwarding the data order to image {sampler_idx}...')
-    dataset_iterator = iter(dataset_loader)
+    dataset_iterator = iter(dataset_loader) # draws the workers' seed from torch's generator: before the network, as always
+    atexit.register(_close_data_loader, dataset_iterator) # an error before the loop below: stopped at exit, before multiprocessing joins them
 
     # Construct network.
     dist.print0('Constructing network...')
@@ -363,6 +432,8 @@ def training_loop(
     stop = _StopRequest()
     stop.install()
     warned_stalled = False # the loss-scale warning is printed once
+    kimg_digits = 1 if float(kimg_per_tick).is_integer() else 3 # fractional ticks (--tick=0.25) show them
+    tick_loss, tick_loss_num = torch.zeros([], dtype=torch.float64, device=device), 0 # this rank's loss sum of the tick
     try:
         while True:
 
@@ -371,12 +442,14 @@ def training_loop(
             try:
                 for round_idx in range(num_accumulation_rounds):
                     with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                        images, labels = next(dataset_iterator)
+                        images, labels = _next_batch(dataset_iterator)
                         images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
                         labels = labels.to(device, non_blocking=True)
                         with autocast():
                             loss = loss_fn(net=train_net, images=images, labels=labels, augment_pipe=augment_pipe)
                         training_stats.report('Loss/loss', loss)
+                        tick_loss.add_(loss.detach().sum().to(tick_loss)) # on the device: read once per tick
+                        tick_loss_num += loss.numel()
                         loss.sum().mul((loss_scale.scale if loss_scale else loss_scaling) / batch_gpu_total).backward()
             except _OOM_ERRORS:
                 raise MemoryError(_oom_message(batch_gpu, num_accumulation_rounds)) from None
@@ -418,7 +491,11 @@ def training_loop(
             tick_end_time = time.time()
             fields = []
             fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-            fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
+            fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.{kimg_digits}f}"]
+            fields += [f"loss {float(tick_loss) / max(tick_loss_num, 1):<8.4f}"]
+            fields += [f"lr {training_stats.report0('Progress/lr', optimizer.param_groups[0]['lr']):<9.3g}"]
+            tick_loss.zero_()
+            tick_loss_num = 0
             fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
             fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
             fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
@@ -440,18 +517,9 @@ def training_loop(
 
             # Save network snapshot.
             if interrupted or ((snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0)):
-                data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
-                for key, value in data.items():
-                    if isinstance(value, torch.nn.Module):
-                        value = copy.deepcopy(value).eval().requires_grad_(False)
-                        set_fast_paths(value, False) # snapshots always hold the faithful network
-                        value = value.to(memory_format=torch.contiguous_format)
-                        if world_size > 1:
-                            misc.check_ddp_consistency(value)
-                        data[key] = value.cpu()
-                    del value # conserve memory
+                data = _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency=(world_size > 1))
                 if rank == 0:
-                    _write_file(os.path.join(run_dir, f'network-snapshot-{cur_nimg//1000:06d}.pkl'), pickle.dump, data)
+                    _write_file(_snapshot_path(run_dir, cur_nimg), pickle.dump, data)
                 del data # conserve memory
 
             # Save full dump of the training state: what the reference writes (net, optimizer_state)
@@ -492,6 +560,8 @@ def training_loop(
                 break
     finally:
         stop.uninstall()
+        _close_data_loader(dataset_iterator)
+        atexit.unregister(_close_data_loader)
 
     # Done.
     dist.print0()
