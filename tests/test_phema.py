@@ -217,9 +217,12 @@ def test_train_saves_phema_with_snapshots(phema_run):
         assert torch.equal(tensor, state['phema']['emas'][1][name]), name
 
 def test_resume_continues_the_phema_exactly(phema_run, tmp_path):
-    first = _train(tmp_path, phema_run['data'], '--duration=0.001', '--snap=1', '--dump=1')
-    second = _train(tmp_path, phema_run['data'], '--duration=0.002', '--snap=1', '--dump=1',
+    # Saved every kimg rather than with snapshots (which changes when, not what): 1024 images, then 2016 at the end.
+    first = _train(tmp_path, phema_run['data'], '--duration=0.001', '--snap=1', '--dump=1', '--phema-snap=1')
+    second = _train(tmp_path, phema_run['data'], '--duration=0.002', '--snap=1', '--dump=1', '--phema-snap=1',
                     f'--resume={os.path.join(first, "training-state-000001.pt")}')
+    assert sorted(name for name in os.listdir(first) if name.startswith('phema-')) == [f'phema-000001-{s:.3f}.pkl' for s in STDS]
+    assert sorted(name for name in os.listdir(second) if name.startswith('phema-')) == [f'phema-000002-{s:.3f}.pkl' for s in STDS]
     for std in STDS:
         a = _load(os.path.join(second, f'phema-000002-{std:.3f}.pkl'))['ema']
         b = _load(os.path.join(phema_run['run_dir'], f'phema-000002-{std:.3f}.pkl'))['ema']
