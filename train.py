@@ -11,7 +11,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import training_loop
+from training import phema, training_loop
 
 #----------------------------------------------------------------------------
 # Presets: network architectures and preconditioning/loss pairs.
@@ -101,6 +101,10 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         c.update(precision=opts.precision, compile=opts.compile)
     tick = int(opts.tick) if float(opts.tick).is_integer() else opts.tick # whole kimg recorded as the reference does
     c.update(kimg_per_tick=tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    if opts.get('phema') is not None: # recorded only when used, as precision
+        c.phema_kwargs = dnnlib.EasyDict(stds=phema.parse_stds(opts.phema, '--phema'), snapshot_kimg=opts.get('phema_snap'))
+    elif opts.get('phema_snap') is not None:
+        raise ValueError('--phema-snap needs --phema (the relative standard deviations to track)')
     check_batch(opts.batch, opts.batch_gpu, world_size)
 
     # Random seed.
@@ -254,6 +258,7 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--lr',            help='Learning rate', metavar='FLOAT',                             type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr-rampup',     help='Learning rate ramp-up duration', metavar='KIMG',             type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--phema',         help='Post-hoc EMA: track power-function EMAs of these relative stds', metavar='LIST', type=str)
 @click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
 @click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
 @click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
@@ -274,6 +279,7 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--tick',          help='How often to print progress', metavar='KIMG',                type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
 @click.option('--snap',          help='How often to save snapshots', metavar='TICKS',               type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',          help='How often to dump state', metavar='TICKS',                   type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--phema-snap',    help='How often to save the --phema EMAs  [default: with snapshots]', metavar='KIMG', type=click.IntRange(min=1))
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
 @click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
 @click.option('--resume',        help='Resume from previous training state', metavar='PT',          type=str)

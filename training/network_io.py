@@ -18,6 +18,10 @@ def load_network_pkl(network_pkl, key='ema', verbose=True):
     naming the file when it is missing, unreadable, not a pickle, lacks `key`, or holds
     something other than a preconditioned network (a module with NETWORK_ATTRS).
     """
+    return load_network_data(network_pkl, key=key, verbose=verbose)[key]
+
+def load_network_data(network_pkl, key='ema', verbose=True):
+    """The whole dict of a network pickle (the network under `key` checked as load_network_pkl does)."""
     try:
         with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
             data = pickle.load(f)
@@ -37,7 +41,7 @@ def load_network_pkl(network_pkl, key='ema', verbose=True):
     if not isinstance(net, torch.nn.Module) or missing:
         raise ValueError(f'{network_pkl}: {key!r} holds a {type(net).__name__}, not a preconditioned network'
                          + (f' (it lacks {", ".join(missing)})' if missing else ''))
-    return net
+    return data
 
 #----------------------------------------------------------------------------
 

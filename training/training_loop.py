@@ -23,6 +23,7 @@ from torch_utils import training_stats
 from training import network_io
 from training.loss_scale import DynamicLossScale
 from training.networks import set_fast_paths
+from training.phema import PowerFunctionEMA
 
 #----------------------------------------------------------------------------
 # Out-of-memory errors of every supported torch version.
@@ -280,6 +281,7 @@ def training_loop(
     device              = None,     # Device to train on; None = CUDA when available, else the CPU.
     precision           = 'fp32',   # fp32 (faithful), tf32 (TF32 matmul/conv on CUDA), bf16 (autocast, float32 master weights).
     compile             = False,    # torch.compile the network for the training step?
+    phema_kwargs        = None,     # Options of the power-function EMAs (training.phema.PowerFunctionEMA), None = disable.
 ):
     dataset_kwargs = dict(dataset_kwargs or {})
     data_loader_kwargs = dict(data_loader_kwargs or {})
@@ -417,6 +419,10 @@ def training_loop(
             _set_rng_state(rng_states[rank], device)
         else:
             dist.print0('Note: the state holds no random generator state for this number of GPUs; new random streams are used.')
+
+    # Power-function EMAs for post-hoc EMA (training/phema.py).
+    phema = PowerFunctionEMA(net, **phema_kwargs, run_dir=run_dir, resume_state=state, snapshot_data=dict(
+        loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))) if phema_kwargs else None
     del state
 
     # Train.
@@ -476,6 +482,8 @@ def training_loop(
                 else:
                     for p_ema, p_net in zip(ema.parameters(), net.parameters()):
                         p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+            if phema is not None:
+                phema.update(net, nimg=cur_nimg + batch_size, batch_size=batch_size)
 
             # Perform maintenance tasks once per tick.
             cur_nimg += batch_size
@@ -521,6 +529,8 @@ def training_loop(
                 if rank == 0:
                     _write_file(_snapshot_path(run_dir, cur_nimg), pickle.dump, data)
                 del data # conserve memory
+                if phema is not None:
+                    phema.snapshot(cur_nimg, done)
 
             # Save full dump of the training state: what the reference writes (net, optimizer_state)
             # plus what an exact continuation needs. An interruption counts as part of the current tick.
@@ -538,6 +548,7 @@ def training_loop(
                         sampler_seed=sampler_seed, sampler_idx=next_idx, sampler_state=sampler_state,
                         batch_size=batch_size, world_size=world_size, rng_states=rng_states,
                         loss_scale=(loss_scale.state_dict() if loss_scale is not None else None),
+                        **(dict(phema=phema.state_dict()) if phema is not None else {}),
                     ))
                 del rng_states
 
