@@ -237,6 +237,7 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
 @click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
 @click.option('--resume',        help='Resume from previous training state', metavar='PT',          type=str)
+@click.option('--allow-code',    help='Load --transfer/--resume files that name code other than ours', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
 
 def main(**kwargs):
@@ -323,7 +324,7 @@ def main(**kwargs):
 
     # Train.
     try:
-        training_loop.training_loop(**c, device=device)
+        training_loop.training_loop(**c, device=device, allow_code=opts.allow_code)
         dist.barrier() # every rank done before the process group goes (gloo may abort a rank torn down mid-exchange)
         dist.finish()
     except (ValueError, IOError, MemoryError) as err:
