@@ -181,13 +181,14 @@ def safe_classes():
         _safe_classes = classes
     return _safe_classes
 
-def _top_level_classes(src):
-    """Names of the classes that a module source defines at its top level (parsed, never executed)."""
+def _defines_class(src, class_name):
+    """Does a module source define the class at its top level? Parsed, never executed; a source that
+    does not parse is not run either, so only the class name counts then."""
     try:
         tree = ast.parse(src)
-    except (SyntaxError, ValueError):
-        return set()
-    return {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    except (SyntaxError, ValueError, TypeError):
+        return True
+    return any(isinstance(node, ast.ClassDef) and node.name == class_name for node in tree.body)
 
 def _reconstruct_safe_obj(meta):
     """Rebuild a persistent object from this project's class of the same name, with the pickled state;
@@ -201,7 +202,7 @@ def _reconstruct_safe_obj(meta):
     if meta.get('version') != _version or meta.get('type') != 'class':
         raise ValueError(f'unsupported persistence format version {meta.get("version")} or type {meta.get("type")!r}')
     cls = safe_classes().get(meta.class_name, None)
-    if cls is None or meta.class_name not in _top_level_classes(meta.module_src):
+    if cls is None or not _defines_class(meta.module_src, meta.class_name):
         raise CodeNotAllowedError(f'it holds class {meta.class_name} of a module embedded in the pickle, not one of this project\'s classes'
                                   f' ({", ".join(SAFE_MODULES)}); loading it would run the code it carries')
     obj = cls.__new__(cls)
