@@ -25,14 +25,14 @@ MODELS = [
 #----------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_image_grid(network_pkl, dest_path, seed=0, gridw=8, gridh=8, device=None, **sampler_kwargs):
+def generate_image_grid(network_pkl, dest_path, seed=0, gridw=8, gridh=8, device=None, allow_code=False, **sampler_kwargs):
     """Sample gridw x gridh images from one seed with edm_sampler and write them as one PNG grid."""
     device = choose_device(device)
     batch_size = gridw * gridh
 
     # Load network.
     print(f'Loading network from "{network_pkl}"...')
-    net = load_network_pkl(network_pkl)
+    net = load_network_pkl(network_pkl, allow_code=allow_code)
 
     # Pick latents and labels from one generator, which also drives the churn noise.
     print(f'Generating {batch_size} images...')
@@ -58,12 +58,13 @@ def generate_image_grid(network_pkl, dest_path, seed=0, gridw=8, gridh=8, device
 @click.option('--device',     help='Device  [default: cuda when available, else cpu]', metavar='STR',  type=str, default=None)
 @click.option('--model-root', help='Folder or URL holding the published pickles', metavar='PATH|URL', type=str, default=MODEL_ROOT, show_default=True)
 @click.option('--outdir',     help='Where to save the image grids', metavar='DIR',                     type=str, default='.', show_default=True)
-def main(device, model_root, outdir):
+@click.option('--allow-code', help='Load pickles that name code other than ours (runs the code they carry)', is_flag=True)
+def main(device, model_root, outdir, allow_code):
     """Write an 8x8 image grid for each published EDM model (CIFAR-10, FFHQ, AFHQv2, ImageNet)."""
     for pkl, grid_name, sampler_kwargs in MODELS:
         network_pkl = model_root.rstrip('/') + '/' + pkl
         try:
-            generate_image_grid(network_pkl, os.path.join(outdir, grid_name), device=device, **sampler_kwargs)
+            generate_image_grid(network_pkl, os.path.join(outdir, grid_name), device=device, allow_code=allow_code, **sampler_kwargs)
         except (ValueError, OSError) as err:
             raise click.ClickException(str(err))
     print('Done.')

@@ -2,7 +2,6 @@
 the FID of a set of images (or of a network's samples) against them."""
 
 import os
-import pickle
 import re
 import zipfile
 
@@ -14,6 +13,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import persistence
 from torch_utils.misc import choose_device
 from generate import prepare_network, sample_batches, split_batches
 
@@ -22,19 +22,49 @@ from generate import prepare_network, sample_batches, split_batches
 # Inception-v3 (the TensorFlow 2015-12-05 graph ported to PyTorch).
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 
+# SHA-256 of the published detector pickle: checked after its download, and a copy with this digest loads
+# without --allow-code wherever it comes from. None: not pinned, the download from DETECTOR_URL is trusted
+# as it is first fetched (open_url records its digest beside the cache file and checks it on every use).
+DETECTOR_SHA256 = None
+
 #----------------------------------------------------------------------------
 # Loading the detector and the reference statistics.
 
-def load_detector(detector_url=DETECTOR_URL, device=None, verbose=True):
-    """Unpickle the feature detector from a path or URL and move it to `device`."""
+def _is_torchscript(path):
+    """Is the file a TorchScript archive (torch.jit.save)? Those load without running Python code."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(re.fullmatch(r'[^/]+/code/.*', name) for name in z.namelist())
+
+def _is_known_detector(detector_url, path):
+    """The published detector: fetched from DETECTOR_URL, or a file with its pinned SHA-256."""
+    if DETECTOR_SHA256 is not None:
+        return dnnlib.util.file_sha256(path) == DETECTOR_SHA256
+    return detector_url == DETECTOR_URL
+
+def _read_detector(detector_url, verbose, allow_code):
+    """The detector module: TorchScript, or a pickle unpickled safely unless it is the known one or allow_code."""
+    known = detector_url == DETECTOR_URL
+    path = dnnlib.util.open_url(detector_url, verbose=verbose, return_filename=True, sha256=(DETECTOR_SHA256 if known else None))
+    if _is_torchscript(path):
+        return torch.jit.load(path, map_location='cpu')
+    trusted = allow_code or _is_known_detector(detector_url, path)
+    with open(path, 'rb') as f:
+        return persistence.load(f, allow_code=trusted)
+
+def load_detector(detector_url=DETECTOR_URL, device=None, verbose=True, allow_code=False):
+    """Load the feature detector from a path or URL and move it to `device`. A TorchScript archive loads
+    as such; a pickle other than the published detector must name only our classes unless allow_code=True."""
     if verbose:
         print(f'Loading feature detector from "{detector_url}"...', flush=True)
     try:
-        with dnnlib.util.open_url(detector_url, verbose=verbose) as f:
-            detector = pickle.load(f)
+        detector = _read_detector(detector_url, verbose, allow_code)
+    except persistence.CodeNotAllowedError as err:
+        raise ValueError(persistence.refused_message(f'the feature detector {detector_url}', err)) from None
     except FileNotFoundError:
         raise FileNotFoundError(f'feature detector not found: {detector_url}') from None
-    except dnnlib.util.UNPICKLING_ERRORS as err:
+    except (RuntimeError, *dnnlib.util.UNPICKLING_ERRORS) as err: # RuntimeError: a damaged TorchScript archive
         raise ValueError(f'{detector_url} is not a readable feature detector pickle ({type(err).__name__}: {err})') from None
     except OSError as err:
         if not dnnlib.util.is_url(detector_url):
@@ -137,6 +167,7 @@ def calculate_inception_stats(
     device          = None,         # Device of the detector; None: CUDA when available.
     detector_url    = DETECTOR_URL, # Feature detector pickle (path or URL).
     feature_dim     = None,         # Expected feature size (of the reference statistics), checked before the first batch.
+    allow_code      = False,        # Load a detector pickle that names code other than ours?
 ):
     """Feature statistics (mu, sigma) of the images in `image_path`, over all ranks."""
     from training.dataset import ImageFolderDataset
@@ -149,7 +180,7 @@ def calculate_inception_stats(
         raise ValueError(f'found {len(dataset)} image(s) in {image_path}; FID statistics need at least 2')
     if dataset.image_shape[0] not in (1, 3):
         raise ValueError(f'the images in {image_path} have {dataset.image_shape[0]} channels; the detector takes RGB or grayscale images')
-    detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0)))
+    detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0), allow_code=allow_code))
 
     dist.print0(f'Calculating statistics for {len(dataset)} images...')
     batches = _rank_batches(list(range(len(dataset))), max_batch_size)
@@ -178,6 +209,7 @@ def calculate_inception_stats_for_network(
     use_compile     = False,        # torch.compile the network, as generate.py --compile?
     detector_url    = DETECTOR_URL, # Feature detector pickle (path or URL).
     feature_dim     = None,         # Expected feature size (of the reference statistics), checked before sampling.
+    allow_code      = False,        # Load pickles (network, detector) that name code other than ours?
     **sampler_kwargs,               # Options of edm_sampler (num_steps, sigma_min, ...).
 ):
     """Feature statistics (mu, sigma) of the network's samples for `seeds`, over all ranks."""
@@ -186,9 +218,9 @@ def calculate_inception_stats_for_network(
     if len(seeds) < 2:
         raise ValueError(f'{len(seeds)} seed(s) given; FID statistics need at least 2 images')
     dist.print0(f'Loading network from "{network_pkl}"...')
-    net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0)))
+    net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
     net = prepare_network(net, device, precision=precision, use_compile=use_compile)
-    detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0)))
+    detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0), allow_code=allow_code))
 
     dist.print0(f'Calculating statistics for {len(seeds)} generated images...')
     image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
@@ -232,6 +264,7 @@ def _common_options(fn):
     """--detector, --device and --workers, on both commands."""
     fn = click.option('--workers', 'num_workers',  help='DataLoader processes that decode images  [default: 3, at most the CPU count]', metavar='INT', type=click.IntRange(min=0), default=None)(fn)
     fn = click.option('--device',                  help='Device, e.g. cpu or cuda:1  [default: CUDA when available]', metavar='STR',             type=str, default=None)(fn)
+    fn = click.option('--allow-code',              help='Load pickles that name code other than ours (runs the code they carry)', is_flag=True)(fn)
     fn = click.option('--detector', 'detector_url', help='Feature detector pickle (Inception-v3)  [default: the published one]', metavar='PATH|URL', type=str, default=DETECTOR_URL)(fn)
     return fn
 
@@ -290,7 +323,7 @@ _network_options = dict(seeds='--seeds', class_idx='--class', num_steps='--steps
 @click.option('--precision',               help='With --network: network precision, as in generate.py  [default: fp32]', type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']))
 @click.option('--compile', 'compile_net',  help='With --network: torch.compile the network, as in generate.py', is_flag=True, default=None)
 
-def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, detector_url, device, num_workers, **network_kwargs):
+def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, detector_url, allow_code, device, num_workers, **network_kwargs):
     """Calculate FID for a given set of images (or a network's samples)."""
     # Check the options.
     ctx = click.get_current_context()
@@ -315,7 +348,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
         device = dist.init(device)
         dist.print0(f'Loading dataset reference statistics from "{ref_path}"...')
         mu_ref, sigma_ref = dist.rank0_first(lambda: load_stats(ref_path, verbose=(dist.get_rank() == 0)))
-        common = dict(max_batch_size=max_batch_size, device=device, detector_url=detector_url, feature_dim=mu_ref.shape[0])
+        common = dict(max_batch_size=max_batch_size, device=device, detector_url=detector_url, feature_dim=mu_ref.shape[0], allow_code=allow_code)
         if image_path is not None:
             mu, sigma = calculate_inception_stats(image_path, num_expected=num_expected, seed=seed,
                                                   num_workers=_default_workers(num_workers), **common)
@@ -338,12 +371,12 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                  type=click.IntRange(min=1), default=64, show_default=True)
 @_common_options
 
-def ref(dataset_path, dest_path, max_batch_size, detector_url, device, num_workers):
+def ref(dataset_path, dest_path, max_batch_size, detector_url, allow_code, device, num_workers):
     """Calculate dataset reference statistics needed by 'calc'."""
     try:
         device = dist.init(device)
         mu, sigma = calculate_inception_stats(dataset_path, max_batch_size=max_batch_size, num_workers=_default_workers(num_workers),
-                                              device=device, detector_url=detector_url)
+                                              device=device, detector_url=detector_url, allow_code=allow_code)
         if not dest_path.endswith('.npz'):
             dest_path += '.npz' # as np.savez names it
         dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')

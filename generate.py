@@ -242,8 +242,9 @@ def _barrier():
 @click.option('--grid',                    help='Also write a grid of all images to this PNG', metavar='PATH',        type=str, default=None)
 @click.option('--precision',               help='Network precision (fp32 = faithful, as the reference)',                                type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']), default='fp32', show_default=True)
 @click.option('--compile', 'compile_net',  help='torch.compile the network (CUDA graphs on CUDA)',                                          is_flag=True)
+@click.option('--allow-code',              help='Load a pickle that names code other than ours (runs the code it carries)',             is_flag=True)
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, precision, compile_net, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, precision, compile_net, allow_code, **sampler_kwargs):
     """Sample one PNG per seed from a network pickle (a path or URL), with the
     EDM sampler or, given any of --solver/--disc/--schedule/--scaling, the
     generalised sampler used for the ablations of the EDM paper.
@@ -280,7 +281,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
 
     dist.print0(f'Loading network from "{network_pkl}"...')
     try:
-        net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0)))
+        net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))
 

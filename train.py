@@ -283,6 +283,7 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
 @click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
 @click.option('--resume',        help='Resume from previous training state', metavar='PT',          type=str)
+@click.option('--allow-code',    help='Load --transfer/--resume files that name code other than ours', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
 
 def main(**kwargs):
@@ -381,16 +382,16 @@ def main(**kwargs):
 
     # Train.
     try:
-        run_training(c, device)
+        run_training(c, device, allow_code=opts.allow_code)
     finally:
         if logger is not None:
             logger.close()
 
-def run_training(c, device):
+def run_training(c, device, allow_code=False):
     """training_loop(**c); its errors as one line (naming the rank under torchrun)."""
     prefix = f'rank {dist.get_rank()}: ' if dist.get_world_size() > 1 else ''
     try:
-        training_loop.training_loop(**c, device=device)
+        training_loop.training_loop(**c, device=device, allow_code=allow_code)
         dist.barrier() # every rank done before the process group goes (gloo may abort a rank torn down mid-exchange)
         dist.finish()
     except dist.PeerError as err:

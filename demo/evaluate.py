@@ -65,7 +65,8 @@ def sample_digits(net, num, steps, device, batch=250):
 @click.option('--num', help='Number of samples', metavar='INT', type=click.IntRange(min=10), default=1000, show_default=True)
 @click.option('--steps', help='Sampler steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
 @click.option('--device', help='Device (default: CUDA when available)', metavar='STR', type=str, default=None)
-def main(network_pkl, num, steps, device):
+@click.option('--allow-code', help='Load a pickle that names code other than ours (runs the code it carries)', is_flag=True)
+def main(network_pkl, num, steps, device, allow_code):
     """Classifier accuracy and diversity of class-conditional samples."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -73,7 +74,7 @@ def main(network_pkl, num, steps, device):
 
     try:
         device = choose_device(device)
-        net = load_network_pkl(network_pkl).to(device)
+        net = load_network_pkl(network_pkl, allow_code=allow_code).to(device)
     except (ValueError, IOError) as err:
         raise click.ClickException(str(err))
 

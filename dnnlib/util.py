@@ -13,7 +13,7 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
+import time
 import types
 import urllib.parse
 import uuid
@@ -118,16 +118,31 @@ def set_cache_dir(path: str) -> None:
     _dnnlib_cache_dir = path
 
 def make_cache_dir_path(*paths: str) -> str:
-    """Path inside the cache: set_cache_dir(), else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
+    """Path inside the cache: set_cache_dir(), else $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib (the home
+    folder from $HOME, $USERPROFILE or the user database; never a shared temporary folder)."""
     if _dnnlib_cache_dir is not None:
         return os.path.join(_dnnlib_cache_dir, *paths)
     if 'DNNLIB_CACHE_DIR' in os.environ:
         return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    if 'HOME' in os.environ:
-        return os.path.join(os.environ['HOME'], '.cache', 'dnnlib', *paths)
-    if 'USERPROFILE' in os.environ:
-        return os.path.join(os.environ['USERPROFILE'], '.cache', 'dnnlib', *paths)
-    return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
+    for name in ('HOME', 'USERPROFILE'):
+        if os.environ.get(name):
+            return os.path.join(os.environ[name], '.cache', 'dnnlib', *paths)
+    home = os.path.expanduser('~') # the user database when HOME is unset
+    if home == '~' or not os.path.isdir(home):
+        raise ValueError('no home folder for the download cache: set DNNLIB_CACHE_DIR to a folder of your own')
+    return os.path.join(home, '.cache', 'dnnlib', *paths)
+
+def check_private_dir(path: str) -> None:
+    """Refuse a folder that another user owns or may write to: a file planted there would be loaded."""
+    if os.name != 'posix':
+        return
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise IOError(f'the cache folder {path} belongs to another user (uid {st.st_uid}); '
+                      f'set DNNLIB_CACHE_DIR to a folder of your own')
+    if st.st_mode & 0o022:
+        raise IOError(f'the cache folder {path} is writable by other users (mode {st.st_mode & 0o777:o}); '
+                      f'run chmod go-w {path}, or set DNNLIB_CACHE_DIR to a folder of your own')
 
 #----------------------------------------------------------------------------
 # Small helpers.
@@ -215,9 +230,37 @@ UNPICKLING_ERRORS = (pickle.UnpicklingError, EOFError, AttributeError, ImportErr
 #----------------------------------------------------------------------------
 # Atomic file writes: never leave a truncated file behind.
 
+STALE_TEMP_SECONDS = 600 # A temporary file of another host (or of the old naming) unmodified this long is stale.
+
+def _host_tag() -> str:
+    return re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname())
+
 def _temp_name(path: str) -> str:
+    """Hidden name beside `path` that says which host and process writes it: .NAME.tmp-HOST-PID-XXXXXXXX."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f'.{name}.tmp-{uuid.uuid4().hex[:8]}')
+    return os.path.join(folder, f'.{name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+
+def _is_stale_temp(path: str, name: str) -> bool:
+    """A temporary file whose process on this host no longer runs, or that nobody has written to for a while."""
+    match = re.fullmatch(r'\..+\.tmp-(.+)-(\d+)-[0-9a-f]{8}', name)
+    if match and match.group(1) == _host_tag() and not psutil.pid_exists(int(match.group(2))):
+        return True
+    try:
+        return time.time() - os.lstat(path).st_mtime > STALE_TEMP_SECONDS
+    except OSError:
+        return False
+
+def remove_stale_temps(folder: str) -> None:
+    """Delete the temporary files (.*.tmp-*) that killed writers left in `folder`; those of writers
+    still running (this host: by PID; others: recently modified) stay."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if re.fullmatch(r'\..+\.tmp-.+', name) and _is_stale_temp(path, name):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
 def os_error_behind(err: BaseException) -> Optional[OSError]:
     """`err` if it is an OSError, else the OSError it wraps (torch.save reports a full disk as a RuntimeError of its C++ writer)."""
@@ -237,9 +280,11 @@ def os_error_message(err: OSError) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str):
-    """Yield a temporary path beside `path`; rename it to `path` on success, delete it on error."""
+    """Yield a temporary path beside `path`; rename it to `path` on success, delete it on error.
+    Stale temporary files of killed writers in the same folder are removed first."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temps(folder)
     tmp = _temp_name(path)
     try:
         yield tmp
@@ -395,66 +440,146 @@ def _cache_name(url: str, file_name: str) -> str:
     safe_name = re.sub(r"[^0-9a-zA-Z-._]", "_", file_name)[:128]
     return url_md5 + "_" + safe_name
 
-def _download(url: str, dest: str, num_attempts: int, verbose: bool) -> str:
-    """Stream `url` into the file `dest` (atomically); return the server's file name."""
+def file_sha256(path: str) -> str:
+    """SHA-256 hex digest of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+class DownloadError(IOError):
+    """A download failed; `retry` says whether another attempt may succeed."""
+    def __init__(self, message: str, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+def _looks_like_html(url: str, content_type: str, head: bytes) -> bool:
+    """An HTML page (a login, error or portal page) sent in place of the file asked for."""
+    if re.search(r'\.html?$', urllib.parse.urlparse(url).path, re.IGNORECASE):
+        return False
+    start = head.lstrip()[:15].lower()
+    return content_type.lower().startswith('text/html') or start.startswith(b'<!doctype html') or start.startswith(b'<html')
+
+def _describe_request_error(err: Exception, timeouts: Tuple[float, float]) -> DownloadError:
+    """What happened, in words, and whether to retry."""
+    import requests
+    import urllib3
+    if isinstance(err, requests.ConnectTimeout):
+        return DownloadError(f'no connection within {timeouts[0]:g} s', retry=False)
+    if isinstance(err, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout)) or 'Read timed out' in str(err):
+        return DownloadError(f'the server stalled (no data for {timeouts[1]:g} s)', retry=False)
+    if isinstance(err, requests.ConnectionError):
+        text = str(err)
+        if 'refused' in text.lower():
+            return DownloadError('the host cannot be reached: connection refused', retry=False)
+        if 'resolve' in text.lower() or 'Name or service not known' in text:
+            return DownloadError('the host cannot be reached: its name does not resolve', retry=False)
+        return DownloadError(f'the connection failed ({text})', retry=True)
+    return DownloadError(str(err), retry=True)
+
+def _fetch(url: str, dest: str, timeouts: Tuple[float, float], deadline: float, verbose: bool) -> Tuple[str, str]:
+    """One attempt: stream `url` into the file `dest` (atomically) until time.monotonic() reaches `deadline`;
+    return (the server's file name, SHA-256 of the data). Raises DownloadError."""
     import requests
     from tqdm import tqdm
 
-    last_error = None
+    with requests.get(url, stream=True, timeout=timeouts) as res:
+        if res.status_code >= 400:
+            retry = res.status_code >= 500 or res.status_code == 429
+            raise DownloadError(f'HTTP {res.status_code} ({res.reason})', retry=retry)
+        match = re.search(r'filename="([^"]*)"', res.headers.get("Content-Disposition", ""))
+        file_name = match[1] if match else (os.path.basename(urllib.parse.urlparse(url).path) or url)
+        total = int(res.headers.get('Content-Length', 0)) or None # bytes on the wire (compressed, if encoded)
+        read = getattr(res.raw, 'read1', None) or res.raw.read # read1: return what has arrived, so the deadline is seen
+        digest = hashlib.sha256()
+        with atomic_write(dest) as f:
+            with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=f'Downloading {file_name}',
+                      disable=not verbose, leave=False, file=sys.stderr) as bar:
+                while True:
+                    if time.monotonic() > deadline:
+                        raise DownloadError(f'the download did not finish in time ({res.raw.tell()} bytes received)', retry=False)
+                    chunk = read(1 << 16, decode_content=True)
+                    if not chunk:
+                        break
+                    if f.tell() == 0 and _looks_like_html(url, res.headers.get('Content-Type', ''), chunk):
+                        raise DownloadError(f'the server sent an HTML page (HTTP {res.status_code}), not the file', retry=False)
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(res.raw.tell() - bar.n)
+            received = res.raw.tell()
+            if f.tell() == 0:
+                raise DownloadError('no data received', retry=True)
+            if total is not None and received != total:
+                raise DownloadError(f'connection closed after {received} of {total} bytes', retry=True)
+    return file_name, digest.hexdigest()
+
+def _download(url: str, dest: str, num_attempts: int, verbose: bool, timeouts: Tuple[float, float], deadline: float,
+              retry_delay: float) -> Tuple[str, str]:
+    """Stream `url` into the file `dest` with retries (backoff on server errors); return (file name, SHA-256)."""
+    import requests
+    import urllib3
+    end = time.monotonic() + deadline
     for attempt in range(num_attempts):
         try:
-            with requests.get(url, stream=True, timeout=(10, 60)) as res:
-                res.raise_for_status()
-                match = re.search(r'filename="([^"]*)"', res.headers.get("Content-Disposition", ""))
-                file_name = match[1] if match else (os.path.basename(urllib.parse.urlparse(url).path) or url)
-                total = int(res.headers.get('Content-Length', 0)) or None # bytes on the wire (compressed, if encoded)
-                with atomic_write(dest) as f:
-                    with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=f'Downloading {file_name}',
-                              disable=not verbose, leave=False, file=sys.stderr) as bar:
-                        for chunk in res.iter_content(chunk_size=1 << 20):
-                            f.write(chunk)
-                            bar.update(res.raw.tell() - bar.n)
-                    received = res.raw.tell()
-                    if f.tell() == 0:
-                        raise IOError('no data received')
-                    if total is not None and received != total:
-                        raise IOError(f'connection closed after {received} of {total} bytes')
-                return file_name
-        except requests.HTTPError as err:
-            last_error = err
-            if err.response is not None and 400 <= err.response.status_code < 500 and err.response.status_code != 429:
-                break # a missing file does not appear by retrying
-        except requests.ConnectionError as err:
-            last_error = err
-            if attempt >= 2:
-                break # the host cannot be reached (offline?): a few tries are enough
-        except (requests.RequestException, IOError) as err:
-            last_error = err
-        if verbose and attempt + 1 < num_attempts and not isinstance(last_error, requests.ConnectionError):
-            print(f'Retrying {url} ({attempt + 1}/{num_attempts - 1}): {last_error}', file=sys.stderr, flush=True)
-    if isinstance(last_error, requests.ConnectionError):
-        raise IOError(f'Could not download {url}: the host cannot be reached (offline?): {last_error}')
+            return _fetch(url, dest, timeouts, end, verbose)
+        except DownloadError as err:
+            error = err
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
+            error = _describe_request_error(err, timeouts)
+        if not error.retry or attempt + 1 == num_attempts:
+            break
+        delay = min(retry_delay * 2 ** attempt, 60.0)
+        if time.monotonic() + delay > end:
+            break
+        if verbose:
+            print(f'Retrying {url} in {delay:g} s ({attempt + 1}/{num_attempts - 1}): {error}', file=sys.stderr, flush=True)
+        time.sleep(delay)
     attempts = attempt + 1 # the loop may stop early
-    raise IOError(f'Could not download {url} after {attempts} attempt{"s" if attempts > 1 else ""}: {last_error}')
+    raise IOError(f'Could not download {url} after {attempts} attempt{"s" if attempts > 1 else ""}: {error}')
 
 def _download_prefix() -> str:
     """Names of temporary downloads: .download-HOST-PID-UUID (streamed into by _download through
-    ..download-HOST-PID-UUID.tmp-XXXXXXXX)."""
-    return '.download-' + re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname()) + '-'
+    ..download-HOST-PID-UUID.tmp-HOST-PID-XXXXXXXX)."""
+    return '.download-' + _host_tag() + '-'
 
 def _remove_stale_downloads(cache_dir: str) -> None:
     """Delete the temporary files of downloads on this host whose process no longer runs (killed by
     SIGKILL or a power cut); those of other hosts sharing the folder, and of live processes, stay."""
-    pattern = r'\.?' + re.escape(_download_prefix()) + r'(\d+)-[0-9a-f]{32}(\.tmp-[0-9a-f]{8})?'
+    pattern = r'\.?' + re.escape(_download_prefix()) + r'(\d+)-[0-9a-f]{32}(\.tmp-.+)?'
     for name in os.listdir(cache_dir):
         match = re.fullmatch(pattern, name)
         if match and not psutil.pid_exists(int(match.group(1))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(cache_dir, name))
 
-def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: bool = True, return_filename: bool = False, cache: bool = True) -> Any:
+def _checked_cache_file(filename: str, sha256: Optional[str]) -> str:
+    """Check a cache file against the SHA-256 recorded beside it (FILE.sha256, written when it was fetched;
+    recorded now for a file cached by the reference release) and against `sha256` when given."""
+    record = filename + '.sha256'
+    actual = file_sha256(filename)
+    if os.path.isfile(record):
+        with open(record, 'rt') as f:
+            recorded = f.read().strip()
+        if actual != recorded:
+            raise IOError(f'the cached download {filename} has changed since it was fetched (SHA-256 {actual}, '
+                          f'recorded {recorded}); delete it to download it again')
+    else:
+        with atomic_write(record, 'wt') as f:
+            f.write(actual + '\n')
+    if sha256 is not None and actual != sha256.lower():
+        raise IOError(f'the cached download {filename} has SHA-256 {actual}, expected {sha256}; delete it to download it again')
+    return filename
+
+def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: bool = True, return_filename: bool = False,
+             cache: bool = True, sha256: str = None, timeouts: Tuple[float, float] = (10, 30), deadline: float = 3600,
+             retry_delay: float = 1) -> Any:
     """Open a local path, a file:// URL or an http(s) URL (downloaded once into the cache).
-    Returns a binary file object, or the local file name with return_filename=True."""
+    Returns a binary file object, or the local file name with return_filename=True.
+
+    Downloads: `timeouts` (connect, read) in seconds, at most `deadline` seconds in all, server errors
+    (5xx, 429) retried after retry_delay, 2 x retry_delay, ... seconds; `sha256`, if given, is the
+    expected digest of the file. A cached file is checked against the digest recorded when it was fetched."""
     if num_attempts < 1:
         raise ValueError('num_attempts must be at least 1')
     if return_filename and not cache:
@@ -478,23 +603,30 @@ def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: b
     if cache_dir is None:
         cache_dir = make_cache_dir_path('downloads')
     url_md5 = hashlib.md5(url.encode("utf-8")).hexdigest()
-    if cache:
-        cache_files = glob.glob(os.path.join(glob.escape(cache_dir), url_md5 + "_*"))
+    if cache and os.path.isdir(cache_dir):
+        check_private_dir(cache_dir)
+        cache_files = [name for name in glob.glob(os.path.join(glob.escape(cache_dir), url_md5 + "_*")) if not name.endswith('.sha256')]
         if len(cache_files) == 1:
-            filename = cache_files[0]
+            filename = _checked_cache_file(cache_files[0], sha256)
             return filename if return_filename else open(filename, "rb")
 
     # Download into a temporary file in the cache folder, then rename into place.
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    check_private_dir(cache_dir)
     _remove_stale_downloads(cache_dir)
     download_file = os.path.join(cache_dir, f'{_download_prefix()}{os.getpid()}-{uuid.uuid4().hex}')
     try:
-        file_name = _download(url, download_file, num_attempts=num_attempts, verbose=verbose)
+        file_name, digest = _download(url, download_file, num_attempts=num_attempts, verbose=verbose, timeouts=timeouts,
+                                      deadline=deadline, retry_delay=retry_delay)
+        if sha256 is not None and digest != sha256.lower():
+            raise IOError(f'Downloaded {url}, but its SHA-256 is {digest}, not the expected {sha256}')
         if not cache:
             f = open(download_file, "rb")
             os.remove(download_file) # the open handle keeps the data readable
             return f
         cache_file = os.path.join(cache_dir, _cache_name(url, file_name))
+        with atomic_write(cache_file + '.sha256', 'wt') as f:
+            f.write(digest + '\n')
         os.replace(download_file, cache_file)
     finally:
         if os.path.exists(download_file) and cache:

@@ -235,7 +235,7 @@ def test_frozen_sampling_folds_the_weight_casts():
 ERRORS = {
     'missing pickle':        (lambda p, d: [f'--network={d}/missing.pkl', f'--outdir={d}/out'], 'missing.pkl'),
     'truncated pickle':      (lambda p, d: [f'--network={p["truncated"]}', f'--outdir={d}/out'], 'truncated.pkl'),
-    'invalid source code':   (lambda p, d: [f'--network={p["badsource"]}', f'--outdir={d}/out'], 'badsource.pkl is not a readable network pickle (SyntaxError'),
+    'invalid source code':   (lambda p, d: [f'--network={p["badsource"]}', f'--outdir={d}/out', '--allow-code'], 'badsource.pkl is not a readable network pickle (SyntaxError'),
     'pickle without ema':    (lambda p, d: [f'--network={p["noema"]}', f'--outdir={d}/out'], 'ema'),
     'ema not a network':     (lambda p, d: [f'--network={p["notnet"]}', f'--outdir={d}/out'], 'holds a int, not a preconditioned network'),
     'empty iddpm range':     (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--disc=iddpm', '--sigma_min=10', '--sigma_max=1'],

@@ -2,10 +2,12 @@
 module, so they load after the code has changed or is gone (format version 6,
 the one used by the published EDM network pickles)."""
 
+import ast
 import copy
 import inspect
 import io
 import pickle
+import re
 import sys
 import types
 import uuid
@@ -124,6 +126,133 @@ def _reconstruct_persistent_obj(meta):
     else:
         obj.__dict__.update(meta.state)
     return obj
+
+#----------------------------------------------------------------------------
+# Safe loading: unpickle without running code carried by the file.
+
+# The modules whose persistent classes a pickle may name without --allow-code.
+SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment')
+
+# Plain globals that safe loading resolves: tensors, arrays and containers.
+_SAFE_GLOBALS = {
+    'builtins': {'set', 'frozenset', 'slice', 'complex', 'bytearray', 'range'},
+    'collections': {'OrderedDict'},
+    'copyreg': {'_reconstructor'},
+    '_codecs': {'encode'},
+    'dnnlib.util': {'EasyDict'},
+    'torch': {'device', 'Size', 'Tensor'},
+    'torch._utils': {'_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3', '_rebuild_parameter',
+                     '_rebuild_parameter_with_state', '_rebuild_device_tensor_from_numpy', '_rebuild_meta_tensor_no_storage'},
+    'torch._tensor': {'_rebuild_from_type_v2'},
+    'torch.nn.parameter': {'Parameter'},
+    'numpy': {'ndarray', 'dtype'},
+    'numpy.core.multiarray': {'_reconstruct', 'scalar'},
+    'numpy._core.multiarray': {'_reconstruct', 'scalar'},
+}
+
+class CodeNotAllowedError(pickle.UnpicklingError):
+    """A pickle names code that safe loading does not run (a class or function outside the allow-list)."""
+
+def _is_torch_type(module, name):
+    """torch dtypes (torch.float32, ...), storage classes, torch's own layers (torch.nn.modules.*) and numpy
+    dtype classes (numpy.dtypes.Float32DType)."""
+    import torch
+    if module.startswith('torch.nn.modules.') and module in sys.modules:
+        obj = getattr(sys.modules[module], name, None)
+        return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+    if module == 'torch':
+        return isinstance(getattr(torch, name, None), torch.dtype) or re.fullmatch(r'[A-Za-z]*Storage', name) is not None
+    if module == 'torch.storage':
+        return name in ('UntypedStorage', 'TypedStorage')
+    return module == 'numpy.dtypes' and re.fullmatch(r'[A-Za-z0-9]+DType', name) is not None
+
+_safe_classes = None # {class name: class}, filled on first use.
+
+def safe_classes():
+    """{class name: class} of the persistent classes that safe loading rebuilds (from SAFE_MODULES)."""
+    global _safe_classes # pylint: disable=global-statement
+    if _safe_classes is None:
+        import importlib
+        classes = dict()
+        for module_name in SAFE_MODULES:
+            for name, obj in vars(importlib.import_module(module_name)).items():
+                if is_persistent(obj) and obj.__module__ == module_name:
+                    classes[name] = obj
+        _safe_classes = classes
+    return _safe_classes
+
+def _defines_class(src, class_name):
+    """Does a module source define the class at its top level? Parsed, never executed; a source that
+    does not parse is not run either, so only the class name counts then."""
+    try:
+        tree = ast.parse(src)
+    except (SyntaxError, ValueError, TypeError):
+        return True
+    return any(isinstance(node, ast.ClassDef) and node.name == class_name for node in tree.body)
+
+def _reconstruct_safe_obj(meta):
+    """Rebuild a persistent object from this project's class of the same name, with the pickled state;
+    the module source in `meta` is parsed to check that it defines the class, and never executed."""
+    meta = dnnlib.EasyDict(meta)
+    meta.state = dnnlib.EasyDict(meta.state)
+    for hook in _import_hooks:
+        meta = hook(meta)
+        if meta is None:
+            raise ValueError('a persistence import hook returned None')
+    if meta.get('version') != _version or meta.get('type') != 'class':
+        raise ValueError(f'unsupported persistence format version {meta.get("version")} or type {meta.get("type")!r}')
+    cls = safe_classes().get(meta.class_name, None)
+    if cls is None or not _defines_class(meta.module_src, meta.class_name):
+        raise CodeNotAllowedError(f'it holds class {meta.class_name} of a module embedded in the pickle, not one of this project\'s classes'
+                                  f' ({", ".join(SAFE_MODULES)}); loading it would run the code it carries')
+    obj = cls.__new__(cls)
+    setstate = getattr(obj, '__setstate__', None)
+    if callable(setstate):
+        setstate(meta.state) # pylint: disable=not-callable
+    else:
+        obj.__dict__.update(meta.state)
+    return obj
+
+def _load_from_bytes_safe(b):
+    """torch.storage._load_from_bytes (a storage pickled by torch, i.e. a nested torch.save) with safe loading."""
+    import torch
+    return torch.load(io.BytesIO(b), pickle_module=SafePickle, weights_only=False)
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only tensors, arrays, containers and this project's persistent classes."""
+
+    def find_class(self, module, name):
+        if module == '__builtin__':
+            module = 'builtins'
+        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
+            return _reconstruct_safe_obj
+        if (module, name) == ('torch.storage', '_load_from_bytes'):
+            return _load_from_bytes_safe
+        if name in _SAFE_GLOBALS.get(module, ()) or _is_torch_type(module, name):
+            return super().find_class(module, name)
+        raise CodeNotAllowedError(f'it refers to {module}.{name}, which safe loading does not allow')
+
+class SafePickle:
+    """A pickle_module for torch.load that unpickles with SafeUnpickler."""
+    Unpickler = SafeUnpickler
+
+    @staticmethod
+    def load(file, **kwargs):
+        return SafeUnpickler(file, **kwargs).load()
+
+def load(file, allow_code=False):
+    """Unpickle a file object. By default with SafeUnpickler: a pickle that names any other code raises
+    CodeNotAllowedError. allow_code=True unpickles in full, running the source that persistent objects carry."""
+    return pickle.load(file) if allow_code else SafeUnpickler(file).load()
+
+def torch_load(file, allow_code=False, map_location='cpu'):
+    """torch.load a file object (a training state), with SafeUnpickler unless allow_code=True."""
+    import torch
+    return torch.load(file, map_location=map_location, weights_only=False, pickle_module=(pickle if allow_code else SafePickle))
+
+def refused_message(source, err):
+    """One line for a file that safe loading refused: what it names, and how to opt in."""
+    return f'{source}: {err}; pass --allow-code (allow_code=True in the API) to load it in full if you trust the file'
 
 #----------------------------------------------------------------------------
 

@@ -1,22 +1,24 @@
 """Loading network pickles (paths or URLs) with clear errors."""
 
-import pickle
-
 import torch
 
 import dnnlib
+from torch_utils import persistence
 
 # What the samplers, generate.py and fid.py use of a network: the preconditioners all have these.
 NETWORK_ATTRS = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
 
 #----------------------------------------------------------------------------
 
-def load_network_pkl(network_pkl, key='ema', verbose=True):
+def load_network_pkl(network_pkl, key='ema', verbose=True, allow_code=False):
     """Return `pickle.load(f)[key]` for a network pickle given as a path or URL.
 
-    Raises ValueError (or IOError for failed downloads) with a one-line message
-    naming the file when it is missing, unreadable, not a pickle, lacks `key`, or holds
-    something other than a preconditioned network (a module with NETWORK_ATTRS).
+    Safe by default: persistent objects are rebuilt from this project's classes and
+    the source they carry is never run (torch_utils.persistence.load); allow_code=True
+    unpickles in full. Raises ValueError (or IOError for failed downloads) with a
+    one-line message naming the file when it is missing, unreadable, not a pickle,
+    names code that safe loading refuses, lacks `key`, or holds something other than
+    a preconditioned network (a module with NETWORK_ATTRS).
     """
     return load_network_data(network_pkl, key=key, verbose=verbose)[key]
 
@@ -24,7 +26,9 @@ def load_network_data(network_pkl, key='ema', verbose=True):
     """The whole dict of a network pickle (the network under `key` checked as load_network_pkl does)."""
     try:
         with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
-            data = pickle.load(f)
+            data = persistence.load(f, allow_code=allow_code)
+    except persistence.CodeNotAllowedError as err:
+        raise ValueError(persistence.refused_message(network_pkl, err)) from None
     except FileNotFoundError:
         raise ValueError(f'network pickle not found: {network_pkl}') from None
     except IsADirectoryError:

@@ -19,6 +19,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
+from torch_utils import persistence
 from torch_utils import training_stats
 from training import network_io
 from training.loss_scale import DynamicLossScale
@@ -163,15 +164,18 @@ def _gather_to_rank0(obj):
 #----------------------------------------------------------------------------
 # Files.
 
-def load_state_dump(path):
+def load_state_dump(path, allow_code=False):
     """Load a training-state-NNNNNN.pt written by us or by the reference release.
 
-    These files hold whole pickled modules, so they are loaded with full
-    unpickling on purpose (newer PyTorch defaults to weights_only).
+    These files hold whole pickled modules: they are unpickled with the safe
+    loader of torch_utils.persistence (our classes, tensors, arrays), or in
+    full with allow_code=True.
     """
     try:
         with open(path, 'rb') as f:
-            data = torch.load(f, map_location=torch.device('cpu'), weights_only=False)
+            data = persistence.torch_load(f, allow_code=allow_code)
+    except persistence.CodeNotAllowedError as err:
+        raise ValueError(persistence.refused_message(path, err)) from None
     except FileNotFoundError:
         raise FileNotFoundError(f'training state not found: {path}') from None
     except (RuntimeError, *dnnlib.util.UNPICKLING_ERRORS) as err:
@@ -282,6 +286,7 @@ def training_loop(
     precision           = 'fp32',   # fp32 (faithful), tf32 (TF32 matmul/conv on CUDA), bf16 (autocast, float32 master weights).
     compile             = False,    # torch.compile the network for the training step?
     phema_kwargs        = None,     # Options of the power-function EMAs (training.phema.PowerFunctionEMA), None = disable.
+    allow_code          = False,    # Load resume files that name code other than ours (runs the code they carry)?
 ):
     dataset_kwargs = dict(dataset_kwargs or {})
     data_loader_kwargs = dict(data_loader_kwargs or {})
@@ -316,7 +321,7 @@ def training_loop(
     state = None
     if resume_state_dump is not None:
         dist.print0(f'Loading training state from "{resume_state_dump}"...')
-        state = load_state_dump(resume_state_dump)
+        state = load_state_dump(resume_state_dump, allow_code=allow_code)
     cur_nimg = resume_kimg * 1000
     sampler_seed = seed
     if state is not None and 'cur_nimg' in state:
@@ -390,7 +395,7 @@ def training_loop(
     # Resume training from previous snapshot.
     if resume_pkl is not None:
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        source = dist.rank0_first(lambda: network_io.load_network_pkl(resume_pkl, verbose=(rank == 0)))
+        source = dist.rank0_first(lambda: network_io.load_network_pkl(resume_pkl, verbose=(rank == 0), allow_code=allow_code))
         _copy_by_name(source, net, resume_pkl)
         _copy_by_name(source, ema, resume_pkl)
         del source
