@@ -335,7 +335,7 @@ def main(**kwargs):
     if c.get('resume_state_dump') is not None and c.resume_kimg >= c.total_kimg:
         if not opts.dry_run:
             c.run_dir = os.path.dirname(c.resume_state_dump) if dist.get_rank() == 0 else None
-            run_training(c, device)
+            run_training(c, device, allow_code=opts.allow_code)
         return
 
     # Pick output directory (created below).
