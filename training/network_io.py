@@ -20,9 +20,9 @@ def load_network_pkl(network_pkl, key='ema', verbose=True, allow_code=False):
     names code that safe loading refuses, lacks `key`, or holds something other than
     a preconditioned network (a module with NETWORK_ATTRS).
     """
-    return load_network_data(network_pkl, key=key, verbose=verbose)[key]
+    return load_network_data(network_pkl, key=key, verbose=verbose, allow_code=allow_code)[key]
 
-def load_network_data(network_pkl, key='ema', verbose=True):
+def load_network_data(network_pkl, key='ema', verbose=True, allow_code=False):
     """The whole dict of a network pickle (the network under `key` checked as load_network_pkl does)."""
     try:
         with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
