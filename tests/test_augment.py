@@ -19,6 +19,10 @@ ALL_TRANSFORMS = dict(xflip=1, yflip=1, rotate_int=1, translate_int=1, scale=1, 
 ALL_COLUMNS = 1 + 1 + 2 + 2 + 1 + 2 + 2 + 2 + 1 + 1 + 1 + 2 + 1 # Label widths in the spec's table.
 EDM_SETTING = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
+# The reference's geometric transforms act about the point (d, d) from the image centre, with d set by the
+# sym6 filter's centroid (5.098) against the tap that the sampling grid assumes (5): d = -0.049 pixels.
+CENTRE_OFFSET = (5 - np.dot(np.arange(12), augment._SYM6) / np.sum(augment._SYM6)) / 2
+
 #----------------------------------------------------------------------------
 
 def _centred_grid(H, W):
@@ -187,7 +191,9 @@ def test_geometric_transforms_match_closed_form(device, case):
     out, labels = out.cpu().double().numpy(), labels.cpu().double().numpy()
 
     inside = x ** 2 + y ** 2 < 7 ** 2 # Away from the mirrored borders.
-    points = np.stack([x.ravel(), y.ravel(), np.ones(H * W)])
+    about_centre = np.eye(3)
+    about_centre[:2, 2] = CENTRE_OFFSET
+    points = np.linalg.inv(about_centre) @ np.stack([x.ravel(), y.ravel(), np.ones(H * W)])
     for i in range(N):
         l = list(labels[i])
         candidates = [np.eye(3)] # Output-to-input maps consistent with the labels.
@@ -212,7 +218,7 @@ def test_geometric_transforms_match_closed_form(device, case):
             candidates = [G @ T for G in candidates]
         errors = []
         for G in candidates:
-            p = G @ points
+            p = about_centre @ G @ points
             expected = _smooth(p[0], p[1]).reshape(H, W)
             errors.append(np.abs(out[i, 0] - expected)[inside].max())
         assert min(errors) < 0.04, f'image {i}: labels {labels[i]} error {min(errors)}'
