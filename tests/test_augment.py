@@ -1,5 +1,7 @@
-"""AugmentPipe: label layout, probabilities, and each transform against its closed form."""
+"""AugmentPipe: the reference's outputs (tests/fixtures/augment.npz), label layout, probabilities, and
+each transform against its closed form."""
 
+import json
 import math
 import pickle
 import textwrap
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import fixture_file, run_script
 from training import augment
 from training.augment import AugmentPipe
 
@@ -48,7 +50,24 @@ def _stretch(w, r, std):
     G[:2, :2] = np.outer(d, d) / s + np.outer(n, n) * s
     return G
 
+def _augment_cases():
+    with np.load(fixture_file('augment.npz')) as data:
+        return sorted({key.rsplit('/', 1)[0] for key in data.files if key.endswith('/kwargs')})
+
 #----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def reference():
+    return dict(np.load(fixture_file('augment.npz')))
+
+def test_matches_reference_outputs(reference):
+    for case in _augment_cases():
+        pipe = AugmentPipe(**json.loads(str(reference[f'{case}/kwargs'])))
+        torch.manual_seed(int(reference[f'{case}/seed']))
+        images, labels = pipe(torch.from_numpy(reference[f'input/{case.split("/")[1]}']))
+        np.testing.assert_array_equal(labels.numpy(), reference[f'{case}/labels'], err_msg=case)
+        err = np.abs(images.numpy() - reference[f'{case}/images']).max()
+        assert err < 1e-5, f'{case}: {err}'
 
 def test_options_are_floats_and_checked():
     pipe = AugmentPipe(p=1, xflip=100000000, scale_std=0.25)

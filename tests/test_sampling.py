@@ -1,5 +1,5 @@
 """Samplers against the reference outputs for an exact Gaussian denoiser
-(../shared/fixtures/samplers-gauss.npz) and against closed forms."""
+(tests/fixtures/samplers-gauss.npz) and against closed forms."""
 
 import inspect
 import json
@@ -50,7 +50,7 @@ def gauss():
     return dict(np.load(fixture_file('samplers-gauss.npz')))
 
 def _cases():
-    # Case names are read from the fixture when present; the test itself skips when it is absent.
+    # Case names are read from the fixture; when it is missing, the test fails in fixture_file().
     try:
         with np.load(os.path.join(FIXTURES, 'samplers-gauss.npz')) as data:
             return sorted({key.split('/')[0] for key in data.files if key.endswith('/kwargs')})
