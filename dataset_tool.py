@@ -328,10 +328,14 @@ def scale(width, height, img):
         return img
     return _resize(img, width, height)
 
+def _rgb(img):
+    # The crops give RGB, grayscale included, as the reference's do.
+    return img[:, :, np.newaxis].repeat(3, axis=2) if img.ndim == 2 else img
+
 def center_crop(width, height, img):
     crop = min(img.shape[0], img.shape[1])
     img = img[(img.shape[0] - crop) // 2 : (img.shape[0] + crop) // 2, (img.shape[1] - crop) // 2 : (img.shape[1] + crop) // 2]
-    return _resize(img, width, height)
+    return _resize(_rgb(img), width, height)
 
 def center_crop_wide(width, height, img):
     # Largest centred region with the aspect width:height.
@@ -341,8 +345,8 @@ def center_crop_wide(width, height, img):
     if cw < width or ch < height:
         return None
     img = img[(img.shape[0] - ch) // 2 : (img.shape[0] + ch) // 2, (img.shape[1] - cw) // 2 : (img.shape[1] + cw) // 2]
-    img = _resize(img, width, height)
-    canvas = np.zeros([width, width] + list(img.shape[2:]), dtype=np.uint8)
+    img = _resize(_rgb(img), width, height)
+    canvas = np.zeros([width, width, 3], dtype=np.uint8)
     canvas[(width - height) // 2 : (width + height) // 2] = img # middle rows of a black square
     return canvas
 

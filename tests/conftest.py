@@ -9,17 +9,23 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(os.path.dirname(ROOT), 'shared', 'fixtures')
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
 def fixture_file(name):
-    """Path of a reference fixture; skips the test when ../shared/fixtures is absent."""
+    """Path of a reference fixture in tests/fixtures; a missing one fails the test."""
     path = os.path.join(FIXTURES, name)
     if not os.path.isfile(path):
-        pytest.skip(f'reference fixture {name} not found in {FIXTURES} (only present in the development checkout)')
+        pytest.fail(f'reference fixture {name} not found in {FIXTURES}', pytrace=False)
     return path
+
+
+def sample_indices(numel, count=128):
+    """The flat indices at which tests/fixtures keeps a large tensor: `count` of them, evenly spread."""
+    import numpy as np
+    return np.unique(np.linspace(0, numel - 1, min(numel, count)).round().astype(np.int64))
 
 
 def free_port():
@@ -72,3 +78,28 @@ def write_network_pkl(path, net):
     with open(path, 'wb') as f:
         pickle.dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs=None), f)
     return str(path)
+
+
+def make_recipe_net(config, recipe):
+    """The network of a net-*.npz fixture config with the reference's parameters: constructed under
+    torch.manual_seed(recipe['seed']), then recipe['perturb_std'] * randn_like(p) added to each parameter
+    in order under torch.manual_seed(recipe['perturb_seed']). The global random state is left as it was."""
+    import torch
+    from training import networks
+    config = dict(config)
+    cls = getattr(networks, config.pop('class_name'))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe['seed'])
+        net = cls(**config)
+        torch.manual_seed(recipe['perturb_seed'])
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * recipe['perturb_std'])
+    return net
+
+
+def digest(value):
+    """float64 [sum, sum of squares, values at sample_indices()] of an array, as tests/fixtures keeps parameters."""
+    import numpy as np
+    value = np.asarray(value, dtype=np.float64).ravel()
+    return np.concatenate([[value.sum(), (value ** 2).sum()], value[sample_indices(value.size)]])

@@ -1,5 +1,7 @@
-"""AugmentPipe: label layout, probabilities, and each transform against its closed form."""
+"""AugmentPipe: the reference's outputs (tests/fixtures/augment.npz), label layout, probabilities, and
+each transform against its closed form."""
 
+import json
 import math
 import pickle
 import textwrap
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import fixture_file, run_script
 from training import augment
 from training.augment import AugmentPipe
 
@@ -18,6 +20,10 @@ ALL_TRANSFORMS = dict(xflip=1, yflip=1, rotate_int=1, translate_int=1, scale=1, 
                       brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
 ALL_COLUMNS = 1 + 1 + 2 + 2 + 1 + 2 + 2 + 2 + 1 + 1 + 1 + 2 + 1 # Label widths in the spec's table.
 EDM_SETTING = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+
+# The reference's geometric transforms act about the point (d, d) from the image centre, with d set by the
+# sym6 filter's centroid (5.098) against the tap that the sampling grid assumes (5): d = -0.049 pixels.
+CENTRE_OFFSET = (5 - np.dot(np.arange(12), augment._SYM6) / np.sum(augment._SYM6)) / 2
 
 #----------------------------------------------------------------------------
 
@@ -44,7 +50,24 @@ def _stretch(w, r, std):
     G[:2, :2] = np.outer(d, d) / s + np.outer(n, n) * s
     return G
 
+def _augment_cases():
+    with np.load(fixture_file('augment.npz')) as data:
+        return sorted({key.rsplit('/', 1)[0] for key in data.files if key.endswith('/kwargs')})
+
 #----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def reference():
+    return dict(np.load(fixture_file('augment.npz')))
+
+def test_matches_reference_outputs(reference):
+    for case in _augment_cases():
+        pipe = AugmentPipe(**json.loads(str(reference[f'{case}/kwargs'])))
+        torch.manual_seed(int(reference[f'{case}/seed']))
+        images, labels = pipe(torch.from_numpy(reference[f'input/{case.split("/")[1]}']))
+        np.testing.assert_array_equal(labels.numpy(), reference[f'{case}/labels'], err_msg=case)
+        err = np.abs(images.numpy() - reference[f'{case}/images']).max()
+        assert err < 1e-5, f'{case}: {err}'
 
 def test_options_are_floats_and_checked():
     pipe = AugmentPipe(p=1, xflip=100000000, scale_std=0.25)
@@ -187,7 +210,9 @@ def test_geometric_transforms_match_closed_form(device, case):
     out, labels = out.cpu().double().numpy(), labels.cpu().double().numpy()
 
     inside = x ** 2 + y ** 2 < 7 ** 2 # Away from the mirrored borders.
-    points = np.stack([x.ravel(), y.ravel(), np.ones(H * W)])
+    about_centre = np.eye(3)
+    about_centre[:2, 2] = CENTRE_OFFSET
+    points = np.linalg.inv(about_centre) @ np.stack([x.ravel(), y.ravel(), np.ones(H * W)])
     for i in range(N):
         l = list(labels[i])
         candidates = [np.eye(3)] # Output-to-input maps consistent with the labels.
@@ -212,7 +237,7 @@ def test_geometric_transforms_match_closed_form(device, case):
             candidates = [G @ T for G in candidates]
         errors = []
         for G in candidates:
-            p = G @ points
+            p = about_centre @ G @ points
             expected = _smooth(p[0], p[1]).reshape(H, W)
             errors.append(np.abs(out[i, 0] - expected)[inside].max())
         assert min(errors) < 0.04, f'image {i}: labels {labels[i]} error {min(errors)}'

@@ -201,12 +201,26 @@ def test_lsun_without_lmdb_says_so(tmp_path):
 #----------------------------------------------------------------------------
 # Transforms.
 
+def reference_center_crop_wide(img, width, height):
+    """The reference's center-crop-wide: round(width h / w) rows of a w x h image, resized to width x height."""
+    ch = int(np.round(width * img.shape[0] / img.shape[1]))
+    if img.shape[1] < width or ch < height:
+        return None
+    img = img[(img.shape[0] - ch) // 2 : (img.shape[0] + ch) // 2]
+    if img.ndim == 2:
+        img = img[:, :, np.newaxis].repeat(3, axis=2)
+    canvas = np.zeros([width, width, 3], dtype=np.uint8)
+    canvas[(width - height) // 2 : (width + height) // 2, :] = np.array(PIL.Image.fromarray(img, 'RGB').resize((width, height), PIL.Image.LANCZOS))
+    return canvas
+
 def expected_transform(img, transform, width, height):
     """The transform spelled out with PIL crop boxes."""
     pil = PIL.Image.fromarray(img)
     w, h = pil.size
     if transform is None:
         return np.array(pil.resize((width, height), PIL.Image.LANCZOS))
+    pil = pil.convert('RGB') # The crops give RGB, grayscale included (R = G = B), as the reference's.
+    img = np.array(pil)
     if transform == 'center-crop':
         s = min(w, h)
         box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
@@ -237,10 +251,26 @@ def test_transforms_match_pil(tmp_path, channels, transform, resolution):
     expected = {name: img for name, img in expected.items() if img is not None}
     assert sorted(out) == sorted(expected) # center-crop-wide skips the image smaller than WxH
     for name, img in expected.items():
-        assert out[name].shape == ((16, 16, 3) if channels == 3 else (16, 16))
+        assert out[name].shape == ((16, 16, 3) if channels == 3 or transform else (16, 16))
         np.testing.assert_array_equal(out[name], img)
     if len(expected) < len(sources):
         assert 'Skipped 1 images' in res.stdout
+
+@pytest.mark.parametrize('channels', [3, 1])
+def test_center_crop_wide_is_the_reference_where_it_keeps_the_aspect(tmp_path, channels):
+    # The reference crops round(W h / w) rows: the W:H region when W^2 h = w^2 H (here 16 x 8 and 32 x 32 at 16x8);
+    # other images it distorts (40 x 24: 10 rows resized to 8) where ours crops 20 rows.
+    rng = np.random.default_rng(7)
+    sources = [random_image(rng, w, h, channels) for w, h in [(16, 8), (32, 32), (40, 24)]]
+    for i, img in enumerate(sources):
+        write_image(tmp_path / 'src' / f'{i}.png', img)
+    run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'out.zip', '--resolution', '16x8', '--transform', 'center-crop-wide')
+    out, _ = read_dataset(tmp_path / 'out.zip')
+    reference = [reference_center_crop_wide(img, 16, 8) for img in sources]
+    np.testing.assert_array_equal(out[archive_name(0)], reference[0])
+    np.testing.assert_array_equal(out[archive_name(1)], reference[1])
+    assert not np.array_equal(out[archive_name(2)], reference[2])
+    np.testing.assert_array_equal(out[archive_name(2)], expected_transform(sources[2], 'center-crop-wide', 16, 8))
 
 #----------------------------------------------------------------------------
 # Bad input: one line, no traceback, non-zero exit, nothing left behind.

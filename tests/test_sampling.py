@@ -1,6 +1,7 @@
 """Samplers against the reference outputs for an exact Gaussian denoiser
-(../shared/fixtures/samplers-gauss.npz) and against closed forms."""
+(tests/fixtures/samplers-gauss.npz) and against closed forms."""
 
+import inspect
 import json
 import math
 import os
@@ -9,10 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, fixture_file
+from conftest import FIXTURES, ROOT, fixture_file
+from training import sampling
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator
 
 SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler}
+
+# What a user copies (README, "Generating images"): edm_sampler alone; ablation_sampler with its helpers.
+COPIED_PARTS = {
+    'edm': ['edm_sampler'],
+    'ablation': ['_step_fractions', 'edm_sigma_steps', 'iddpm_sigma_table', 'vp_sigma', '_check_num_steps', '_check_choice',
+                 'ablation_sampler'],
+}
 
 #----------------------------------------------------------------------------
 
@@ -41,17 +50,33 @@ def gauss():
     return dict(np.load(fixture_file('samplers-gauss.npz')))
 
 def _cases():
-    # Case names are read from the fixture when present; the test itself skips when it is absent.
+    # Case names are read from the fixture; when it is missing, the test fails in fixture_file().
     try:
         with np.load(os.path.join(FIXTURES, 'samplers-gauss.npz')) as data:
             return sorted({key.split('/')[0] for key in data.files if key.endswith('/kwargs')})
     except OSError:
         return ['edm-default']
 
-def _run_case(gauss, case):
+def _pasted_samplers():
+    """The samplers as pasted into a new file: the source text of COPIED_PARTS alone, run in a namespace
+    holding only np and torch."""
+    samplers = {}
+    for name, parts in COPIED_PARTS.items():
+        namespace = dict(np=np, torch=torch)
+        for part in parts:
+            exec(inspect.getsource(getattr(sampling, part)), namespace)
+        samplers[name] = namespace[f'{name}_sampler']
+    return samplers
+
+def _tolerance(gauss, case):
+    # The VP schedule's float64 exp and pow differ by a few ULP between PyTorch releases (2.1 against
+    # 2.13), and its sigma_inv, log(1 + sigma^2) at small sigma, amplifies them to about 1e-7 over 64 steps.
+    return 1e-6 if json.loads(str(gauss[f'{case}/kwargs'])).get('schedule') == 'vp' else 1e-10
+
+def _run_case(gauss, case, samplers=SAMPLERS):
     """Run the sampler of a fixture case with per-seed noise; returns (images, latents)."""
     kwargs = json.loads(str(gauss[f'{case}/kwargs']))
-    sampler = SAMPLERS[kwargs.pop('sampler')]
+    sampler = samplers[kwargs.pop('sampler')]
     rnd = StackedRandomGenerator('cpu', gauss['seeds'])
     latents = rnd.randn([len(gauss['seeds']), 3, 8, 8])
     net = GaussianDenoiser(gauss['mu'], gauss['s'])
@@ -65,10 +90,18 @@ def test_sampler_reproduces_reference(gauss, case):
     np.testing.assert_array_equal(latents, gauss[f'{case}/latents'])
     err = np.abs(images - gauss[f'{case}/images']).max()
     print(f'{case}: max |ours - reference| = {err:.3g}')
-    # The VP schedule's float64 exp and pow differ by a few ULP between PyTorch releases (2.1 against
-    # 2.13), and its sigma_inv, log(1 + sigma^2) at small sigma, amplifies them to about 1e-7 over 64 steps.
-    tol = 1e-6 if json.loads(str(gauss[f'{case}/kwargs'])).get('schedule') == 'vp' else 1e-10
-    assert err <= tol
+    assert err <= _tolerance(gauss, case)
+
+@pytest.mark.parametrize('case', _cases())
+def test_pasted_sampler_reproduces_reference(gauss, case):
+    images, _ = _run_case(gauss, case, samplers=_pasted_samplers())
+    assert np.abs(images - gauss[f'{case}/images']).max() <= _tolerance(gauss, case)
+    np.testing.assert_array_equal(images, _run_case(gauss, case)[0])
+
+def test_readme_names_what_to_copy():
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    assert all(f'`{part}`' in readme for parts in COPIED_PARTS.values() for part in parts)
 
 def test_stacked_generator_first_draws(gauss):
     # The fixture's randint follows the randn on the same generators (as labels follow latents in generate.py).

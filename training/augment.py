@@ -41,7 +41,7 @@ from torch_utils import misc
 # moments ('sym6'): orthonormal (sum h = sqrt(2), sum h^2 = 1, sum h[k] h[k+2m]
 # = 0 for m != 0), so 2x upsampling followed by 2x downsampling with it is the
 # identity. It is the least asymmetric such filter; its centroid is at
-# k = 5.098 instead of the midpoint 5.5, which the resampling compensates.
+# k = 5.098 instead of the midpoint 5.5 (see _affine_resample).
 
 _SYM6 = [
     0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
@@ -101,21 +101,17 @@ def _mirror(idx, size):
 
 #----------------------------------------------------------------------------
 # Separable 2x up/downsampling with the sym6 filter on images of shape
-# [N, C, H, W]. A sample at index m of the upsampled signal nominally sits at
-# position (m + 0.5) / 2 - 0.5 of the original one (half-pixel alignment).
+# [N, C, H, W]. Sample i of the input feeds upsampled sample m through tap
+# m + _OFFSET - 2 i (its content lands at m = 2 i + 0.098); the downsampling
+# is the adjoint and undoes it exactly. The gains are the reference's:
+# 1 / sqrt(2) per axis up, sqrt(2) down.
 
 _PAD = len(_SYM6) // 4     # Extra output pixels on each side needed by the downsampling filter (3).
 _OFFSET = len(_SYM6) // 2 - 1 # Filter tap aligned with upsampled sample m (5).
 
-# sym6 is not symmetric: its centroid (5.098) precedes the midpoint of its
-# taps (5.5), which shifts the upsampled content by _SHIFT pixels along x
-# and y (and the downsampling shifts it back); the resampling compensates so
-# that the transforms act about the image centre.
-_SHIFT = (len(_SYM6) / 2 - 0.5 - float(np.dot(np.arange(len(_SYM6)), _SYM6) / np.sum(_SYM6))) / 2
-
 def _upsample2x(x):
     N, C, H, W = x.shape
-    f = misc.constant(np.asarray(_SYM6, dtype=np.float32) * np.sqrt(2), dtype=x.dtype, device=x.device) # Gain 2 per axis.
+    f = misc.constant(np.asarray(_SYM6, dtype=np.float32), dtype=x.dtype, device=x.device)
     x = x.reshape(N * C, 1, H, W)
     x = torch.nn.functional.conv_transpose2d(x, f.reshape(1, 1, 1, -1), stride=[1, 2], padding=[0, _OFFSET]) # True convolution.
     x = torch.nn.functional.conv_transpose2d(x, f.reshape(1, 1, -1, 1), stride=[2, 1], padding=[_OFFSET, 0])
@@ -124,7 +120,7 @@ def _upsample2x(x):
 def _downsample2x(x):
     # Input [N, C, 2 (H + 2 _PAD), 2 (W + 2 _PAD)] -> output [N, C, H, W] (the central part).
     N, C, H2, W2 = x.shape
-    f = misc.constant(np.asarray(_SYM6, dtype=np.float32) / np.sqrt(2), dtype=x.dtype, device=x.device) # Gain 1 per axis.
+    f = misc.constant(np.asarray(_SYM6, dtype=np.float32), dtype=x.dtype, device=x.device)
     x = x.reshape(N * C, 1, H2, W2)[:, :, 2 * _PAD - _OFFSET:, 2 * _PAD - _OFFSET:] # Correlation, the adjoint of the upsampling.
     x = torch.nn.functional.conv2d(x, f.reshape(1, 1, 1, -1), stride=[1, 2])
     x = torch.nn.functional.conv2d(x, f.reshape(1, 1, -1, 1), stride=[2, 1])
@@ -134,40 +130,61 @@ def _downsample2x(x):
 # Resample images with per-image inverse affine matrices G_inv [N, 3, 3]
 # that map output to input coordinates, both centred on the image centre
 # ((W - 1) / 2, (H - 1) / 2) in pixel units.
+#
+# As in the reference, the sampling grid treats upsampled sample m as lying
+# at (m + 0.5) / 2 - 0.5 and conjugates G_inv by a shift of half an
+# upsampled pixel; with the filter's asymmetry this makes the transforms act
+# about the point 0.049 pixels left of and above the centre ((5 - 5.098) / 2).
+
+def _margin(G_inv, W, H):
+    # Reflection padding [x0, y0, x1, y1] of the reference: 2 _PAD pixels
+    # beyond the output corners mapped into the input, the largest over the
+    # batch, at most size - 1 (beyond it the filters and the sampling read zeros).
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    device = G_inv.device
+    corners = _matrix([-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1], device=device) # [corner, xyz]
+    corners = (G_inv @ corners.t())[:, :2, :].permute(1, 0, 2).flatten(1) # [xy, N * corner]
+    margin = torch.cat([-corners, corners]).max(dim=1).values # [-x, -y, x, y] extremes
+    margin = margin + misc.constant([2 * _PAD - cx, 2 * _PAD - cy] * 2, device=device)
+    margin = torch.minimum(margin.clamp(min=0), misc.constant([W - 1, H - 1] * 2, device=device))
+    return margin.ceil()
+
+def _extent(size, m0, m1, up=1):
+    # [up (3 size - 2)] mask of the samples (upsampled by `up`) of an axis
+    # padded by size - 1 on each side that lie within the padding m0, m1.
+    idx = torch.arange(up * (3 * size - 2), device=m0.device)
+    return ((idx >= up * (size - 1 - m0)) & (idx < up * (2 * size - 1 + m1))).to(torch.float32)
 
 def _affine_resample(images, G_inv, full_margin=None):
     N, C, H, W = images.shape
     device = images.device
-    cx, cy = (W - 1) / 2, (H - 1) / 2
-    if full_margin is None: # reading the needed margins back would wait for the device; on the CPU it costs nothing
+    if full_margin is None: # reading the margin back would wait for the device; on the CPU it costs nothing
         full_margin = device.type != 'cpu'
 
-    # Reflect-pad enough that every sample, with the support of the
-    # upsampling filter and of bilinear interpolation, lies inside the image
-    # (at most size - 1 pixels per side; samples beyond that read zeros).
-    # The full margin gives the same samples from a larger padded image.
+    # Pad by the margin; or pad by the most it can be and zero what lies
+    # beyond it, before and after upsampling (the same images to float32
+    # round-off of the sample positions).
+    margin = _margin(G_inv, W, H)
     if full_margin:
         mx0, my0, mx1, my1 = W - 1, H - 1, W - 1, H - 1
+        x0, y0, x1, y1 = margin.unbind()
+        mask = lambda up: _extent(H, y0, y1, up)[:, None] * _extent(W, x0, x1, up)[None, :]
     else:
-        ex, ey = cx + _PAD + 0.5, cy + _PAD + 0.5
-        corners = _matrix([-ex, -ey, 1], [ex, -ey, 1], [ex, ey, 1], [-ex, ey, 1], device=device) # [corner, xyz]
-        corners = (G_inv @ corners.t())[:, :2, :].permute(1, 0, 2).flatten(1) # [xy, N * corner]
-        support = _PAD + 1
-        margin = torch.cat([-corners, corners]).max(dim=1).values # [-x, -y, x, y] extremes
-        margin = margin + misc.constant([support - cx, support - cy] * 2, device=device)
-        margin = margin.ceil().clamp(min=0)
-        margin = torch.minimum(margin, misc.constant([W - 1, H - 1] * 2, device=device))
         mx0, my0, mx1, my1 = [int(m) for m in margin.tolist()]
     images = torch.nn.functional.pad(images, [mx0, mx1, my0, my1], mode='reflect')
-    Hp, Wp = images.shape[2:]
-
-    # Upsample, sample an upsampled output extended by _PAD pixels on each
-    # side, then downsample back to the output size.
+    images = images * mask(1).to(images.dtype) if full_margin else images
     images = _upsample2x(images)
-    theta = _scale2d(2 / Wp, 2 / Hp, device=device) # Padded-image pixels -> grid_sample coordinates.
-    theta = theta @ _translate2d((mx0 - mx1) / 2 - _SHIFT, (my0 - my1) / 2 - _SHIFT, device=device)
-    theta = theta @ G_inv @ _translate2d(_SHIFT, _SHIFT, device=device)
-    theta = theta @ _scale2d((W + 2 * _PAD) / 2, (H + 2 * _PAD) / 2, device=device) # Output grid -> output pixels.
+    images = images * mask(2).to(images.dtype) if full_margin else images
+
+    # Sample an upsampled output extended by _PAD pixels on each side, then
+    # downsample back to the output size. theta maps the output grid to the
+    # input one, composed in the reference's order (the float32 round-off of
+    # the sample positions shows at 1e-5).
+    theta = _translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, device=device) @ G_inv # Centre of the padded image.
+    theta = _scale2d(2, 2, device=device) @ theta @ _scale2d(1 / 2, 1 / 2, device=device) # Upsampled pixels.
+    theta = _translate2d(-0.5, -0.5, device=device) @ theta @ _translate2d(0.5, 0.5, device=device)
+    theta = _scale2d(2 / images.shape[3], 2 / images.shape[2], device=device) @ theta # Input pixels -> grid_sample coordinates.
+    theta = theta @ _scale2d(W + 2 * _PAD, H + 2 * _PAD, device=device) # Output grid -> output pixels.
     size = [N, C, (H + 2 * _PAD) * 2, (W + 2 * _PAD) * 2]
     grid = torch.nn.functional.affine_grid(theta[:, :2, :].to(images.dtype), size=size, align_corners=False)
     images = torch.nn.functional.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)

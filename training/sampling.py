@@ -1,8 +1,6 @@
 """Samplers of Karras et al. 2022: the EDM sampler (Algorithm 2), the
 generalised ablation sampler (Section 3) and per-seed random numbers."""
 
-import math
-
 import numpy as np
 import torch
 
@@ -26,12 +24,12 @@ def iddpm_sigma_table(M, C_1, C_2, device=None):
     ratios = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1).tolist() # alpha_bar(j-1) / alpha_bar(j) at index j-1
     u = [0.0] * (M + 1)
     for j in range(M, 0, -1): # M, ..., 1
-        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / ratios[j - 1] - 1)
+        u[j - 1] = float(np.sqrt((u[j] ** 2 + 1) / ratios[j - 1] - 1))
     return torch.tensor(u, dtype=torch.float64, device=device)
 
 def vp_sigma(t, beta_d, beta_min):
     """VP noise level sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1); t a float or a tensor."""
-    return (math.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
+    return (np.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
 
 def _check_num_steps(num_steps):
     if int(num_steps) != num_steps or num_steps < 1:
@@ -57,16 +55,19 @@ def edm_sampler(
     S_max           = float('inf'),
     S_noise         = 1,            # Noise inflation of the churn.
 ):
-    """EDM sampler: Algorithm 2 of Karras et al. 2022 (stochastic Heun, 2N - 1 evaluations)."""
-    _check_num_steps(num_steps)
+    """EDM sampler: Algorithm 2 of Karras et al. 2022 (stochastic Heun, 2N - 1 evaluations).
+    Self-contained (numpy as np and torch only), so that it can be copied on its own."""
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
 
     # Adjust noise levels based on what's supported by the network.
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
 
-    # Time step discretization; t_N = 0.
-    t_steps = net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device))
-    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    # Time step discretization (eq. 5, as edm_sigma_steps; a single step is at sigma_max); t_N = 0.
+    step_indices = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    t_steps = (sigma_max ** (1 / rho) + step_indices / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
 
     t_host = t_steps.tolist() # read back once, so that the churn window test never waits for the device
 
@@ -118,7 +119,9 @@ def ablation_sampler(
     S_max           = float('inf'),
     S_noise         = 1,            # Noise inflation of the churn.
 ):
-    """Generalised sampler of Section 3 of Karras et al. 2022 (Table 1: VP, VE, iDDPM and EDM choices)."""
+    """Generalised sampler of Section 3 of Karras et al. 2022 (Table 1: VP, VE, iDDPM and EDM choices).
+    To copy it, take _step_fractions, edm_sigma_steps, iddpm_sigma_table, vp_sigma, _check_num_steps and
+    _check_choice with it (numpy as np and torch only)."""
     _check_num_steps(num_steps)
     _check_choice('solver', solver, ['euler', 'heun'])
     _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
