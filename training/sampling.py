@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+import dnnlib
+
 #----------------------------------------------------------------------------
 # Noise level discretisations shared by both samplers.
 
@@ -16,7 +18,18 @@ def _step_fractions(num_steps, device):
 
 def edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=None):
     """EDM time steps, eq. 5 of Karras et al. 2022: sigma_max .. sigma_min spaced uniformly in sigma^(1/rho)."""
-    return (sigma_max ** (1 / rho) + _step_fractions(num_steps, device) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    fractions = _step_fractions(num_steps, device)
+    try:
+        max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    except OverflowError:
+        max_inv_rho, min_inv_rho = math.inf, 0.0
+    if math.isfinite(max_inv_rho) and min_inv_rho >= 1e-8 * max_inv_rho:
+        return (max_inv_rho + fractions * (min_inv_rho - max_inv_rho)) ** rho
+    # A small rho (below about 0.57 for 0.002 .. 80) shrinks sigma_min^(1/rho) below 1e-8 sigma_max^(1/rho), or
+    # leave float64's range: the same steps with sigma_max factored out, none below sigma_min,
+    # sigma_max ((1 - i/(N-1)) + i/(N-1) (sigma_min/sigma_max)^(1/rho))^rho.
+    ratio = (sigma_min / sigma_max) ** (1 / rho) # may underflow to 0
+    return (sigma_max * ((1 - fractions) + fractions * ratio) ** rho).clamp(min=sigma_min)
 
 def iddpm_sigma_table(M, C_1, C_2, device=None):
     """The improved-DDPM noise levels u[0..M] (u[M] = 0, decreasing in j) in float64."""
@@ -33,9 +46,70 @@ def vp_sigma(t, beta_d, beta_min):
     """VP noise level sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1); t a float or a tensor."""
     return (math.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
 
-def _check_num_steps(num_steps):
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+#----------------------------------------------------------------------------
+# Checks of the sampler options, shared by both samplers and the command lines.
+
+MAX_STEPS = 10000 # --steps
+
+def default_sigma_range(discretization='edm'):
+    """(sigma_min, sigma_max) that the samplers use when none is given: those of the discretization (Table 1)."""
+    _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
+    return {'vp': (vp_sigma(1e-3, beta_d=19.9, beta_min=0.1), vp_sigma(1, beta_d=19.9, beta_min=0.1)),
+            've': (0.02, 100), 'iddpm': (0.002, 81), 'edm': (0.002, 80)}[discretization]
+
+def _check_finite(name, value, low=None):
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise ValueError(f'--{name} must be a finite number' + ('' if low is None else f' >= {low:g}') + f', got {value:g}')
+
+def check_sampler_options(
+    net_sigma_min   = None,         # The network's lowest noise level; None: not known yet (no range check).
+    net_sigma_max   = None,         # The network's highest noise level.
+    num_steps       = 18,
+    sigma_min       = None,         # None: the discretization's default.
+    sigma_max       = None,
+    rho             = 7,
+    S_churn         = 0,
+    S_min           = 0,
+    S_max           = float('inf'),
+    S_noise         = 1,
+    discretization  = 'edm',
+    **_other,                       # Other ablation options, checked by ablation_sampler.
+):
+    """Raise ValueError naming the option (as the command lines call it) unless the sampler options are usable.
+    Given the network's range, return the (sigma_min, sigma_max) that the sampler uses: clamped to that range,
+    finite, positive and increasing; else None."""
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f'--steps (num_steps) must be an integer from 1 to {MAX_STEPS}, got {num_steps!r}')
+    _check_finite('rho', rho)
+    if rho <= 0:
+        raise ValueError(f'--rho must be positive, got {rho:g}')
+    _check_finite('S_churn', S_churn, low=0)
+    _check_finite('S_min', S_min)
+    _check_finite('S_noise', S_noise)
+    if math.isnan(S_max):
+        raise ValueError('--S_max must be a number (inf for no upper limit), got nan')
+    for name, value in (('sigma_min', sigma_min), ('sigma_max', sigma_max)):
+        if value is not None and not value > 0: # also NaN
+            raise ValueError(f'--{name} must be positive, got {value:g}')
+    if net_sigma_min is None or net_sigma_max is None:
+        return None
+
+    # The range the sampler uses: the discretization's default, then the network's limits.
+    default_min, default_max = default_sigma_range(discretization or 'edm')
+    sigma_min = max(default_min if sigma_min is None else sigma_min, net_sigma_min)
+    sigma_max = min(default_max if sigma_max is None else sigma_max, net_sigma_max)
+    for name, value in (('sigma_min', sigma_min), ('sigma_max', sigma_max)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f'--{name} is {value:g} within the network\'s noise levels '
+                             f'[{net_sigma_min:g}, {net_sigma_max:g}]; it must be finite and positive')
+    if not sigma_min < sigma_max:
+        raise ValueError(f'--sigma_min must be below --sigma_max, got {sigma_min:g} and {sigma_max:g} '
+                         f'within the network\'s noise levels [{net_sigma_min:g}, {net_sigma_max:g}]')
+    return sigma_min, sigma_max
+
+def num_evaluations(num_steps, solver='heun'):
+    """Network evaluations per image of either sampler: 2N - 1 with Heun's method (no correction on the last step), N with Euler's."""
+    return num_steps if solver == 'euler' else 2 * num_steps - 1
 
 def _check_choice(name, value, choices):
     if value not in choices:
@@ -58,11 +132,9 @@ def edm_sampler(
     S_noise         = 1,            # Noise inflation of the churn.
 ):
     """EDM sampler: Algorithm 2 of Karras et al. 2022 (stochastic Heun, 2N - 1 evaluations)."""
-    _check_num_steps(num_steps)
-
     # Adjust noise levels based on what's supported by the network.
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
+    sigma_min, sigma_max = check_sampler_options(net.sigma_min, net.sigma_max, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                                                 rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
 
     # Time step discretization; t_N = 0.
     t_steps = net.round_sigma(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device))
@@ -119,7 +191,6 @@ def ablation_sampler(
     S_noise         = 1,            # Noise inflation of the churn.
 ):
     """Generalised sampler of Section 3 of Karras et al. 2022 (Table 1: VP, VE, iDDPM and EDM choices)."""
-    _check_num_steps(num_steps)
     _check_choice('solver', solver, ['euler', 'heun'])
     _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
     _check_choice('schedule', schedule, ['vp', 've', 'linear'])
@@ -127,12 +198,10 @@ def ablation_sampler(
     device = latents.device
 
     # Default noise level range of the discretization, then the network's range.
-    if sigma_min is None:
-        sigma_min = {'vp': vp_sigma(epsilon_s, beta_d=19.9, beta_min=0.1), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
-    if sigma_max is None:
-        sigma_max = {'vp': vp_sigma(1, beta_d=19.9, beta_min=0.1), 've': 100, 'iddpm': 81, 'edm': 80}[discretization]
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
+    if sigma_min is None and discretization == 'vp':
+        sigma_min = vp_sigma(epsilon_s, beta_d=19.9, beta_min=0.1)
+    sigma_min, sigma_max = check_sampler_options(net.sigma_min, net.sigma_max, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                                                 rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, discretization=discretization)
 
     # VP betas refitted so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max.
     vp_beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
@@ -215,6 +284,16 @@ def ablation_sampler(
     return x_next
 
 #----------------------------------------------------------------------------
+
+MAX_SEEDS = 1 << 25 # 33,554,432 images per run
+
+def parse_seeds(s):
+    """Seeds from a list such as '1,2,5-10' (at most MAX_SEEDS of them), each a seed of torch.Generator: 0 <= seed < 2^32."""
+    seeds = dnnlib.util.parse_int_list(s, max_len=MAX_SEEDS)
+    for seed in (min(seeds), max(seeds)):
+        if not 0 <= seed < (1 << 32):
+            raise ValueError(f'seed {seed} is out of range; seeds are integers from 0 to {(1 << 32) - 1}')
+    return seeds
 
 class StackedRandomGenerator:
     """Per-seed random numbers: one torch.Generator per image, so an image depends only on its seed."""
