@@ -24,6 +24,7 @@ import PIL.Image
 from tqdm import tqdm
 
 import dnnlib
+from training.dataset import check_class_label, check_label_files, check_png_pixels, check_zip_member_size
 
 try:
     import pyspng
@@ -34,6 +35,7 @@ except ImportError:
 # Small helpers.
 
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+MAX_RESOLUTION = 16384 # --resolution, per side
 
 def file_ext(name):
     return os.path.splitext(str(name))[1].lower()
@@ -46,6 +48,8 @@ def parse_resolution(s):
     m = re.match(r'^\s*(\d+)\s*[x,]\s*(\d+)\s*$', str(s))
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise ValueError(f'--resolution must be WxH with positive integers, e.g. 512x512; got {s!r}')
+    if int(m.group(1)) > MAX_RESOLUTION or int(m.group(2)) > MAX_RESOLUTION:
+        raise ValueError(f'--resolution {s} is too large: at most {MAX_RESOLUTION} pixels per side')
     return int(m.group(1)), int(m.group(2))
 
 def maybe_min(a, b):
@@ -53,6 +57,7 @@ def maybe_min(a, b):
 
 def decode_image(data, name):
     """Decode image file bytes into an 8-bit HWC (RGB) or HW (grayscale) array; ValueError naming `name` otherwise."""
+    check_png_pixels(data, name) # Pillow's limit, also for pyspng, which has none
     if pyspng is not None and data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[24] == 8 and data[25] in (0, 2):
         try:
             img = pyspng.load(data) # 8-bit grayscale or RGB PNG
@@ -102,12 +107,13 @@ def open_image_folder(source_dir, *, max_images):
     max_idx = maybe_min(len(fnames), max_images)
 
     # Labels from dataset.json, else from the top-level folder names.
-    labels = {}
+    labels = None
     meta_fname = os.path.join(source_dir, 'dataset.json')
-    if os.path.isfile(meta_fname):
+    if os.path.lexists(meta_fname):
+        dnnlib.util.check_regular_file(meta_fname)
         with open(meta_fname, 'rb') as f:
-            labels = _parse_labels(f.read(), meta_fname)
-    if not labels: # no dataset.json, or one without labels
+            labels = _parse_labels(f.read(), meta_fname, fnames)
+    if labels is None: # no dataset.json, or one with "labels": null
         toplevel_names = {fname: fname.split('/')[0] if '/' in fname else '' for fname in fnames}
         toplevel_indices = {name: idx for idx, name in enumerate(sorted(set(toplevel_names.values())))}
         if len(toplevel_indices) > 1:
@@ -116,19 +122,23 @@ def open_image_folder(source_dir, *, max_images):
     def iterate_images():
         for fname in fnames[:max_idx]:
             path = os.path.join(source_dir, fname)
+            dnnlib.util.check_regular_file(path)
             try:
                 with open(path, 'rb') as f:
                     data = f.read()
             except OSError as err:
                 raise ValueError(f'{path}: cannot read ({err.strerror or err})') from None
-            yield dict(img=decode_image(data, path), label=labels.get(fname), name=path)
+            yield dict(img=decode_image(data, path), label=(labels or {}).get(fname), name=path)
     return max_idx, iterate_images()
 
 def open_image_zip(source, *, max_images):
     try:
         with zipfile.ZipFile(source, mode='r') as z:
             fnames = sorted(fname for fname in z.namelist() if is_image_ext(fname))
-            labels = _parse_labels(z.read('dataset.json'), f'{source}:dataset.json') if 'dataset.json' in z.namelist() else {}
+            labels = None
+            if 'dataset.json' in z.namelist():
+                check_zip_member_size(z, 'dataset.json', f'{source}:dataset.json')
+                labels = _parse_labels(z.read('dataset.json'), f'{source}:dataset.json', fnames)
     except zipfile.BadZipFile as err:
         raise ValueError(f'{source} is not a readable zip file ({err})') from None
     if len(fnames) == 0:
@@ -139,19 +149,26 @@ def open_image_zip(source, *, max_images):
         with zipfile.ZipFile(source, mode='r') as z:
             for fname in fnames[:max_idx]:
                 name = f'{source}:{fname}'
+                check_zip_member_size(z, fname, name)
                 try:
                     data = z.read(fname)
                 except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as err:
                     raise ValueError(f'{name}: cannot read ({err})') from None
-                yield dict(img=decode_image(data, name), label=labels.get(fname), name=name)
+                yield dict(img=decode_image(data, name), label=(labels or {}).get(fname), name=name)
     return max_idx, iterate_images()
 
-def _parse_labels(data, where):
+def _parse_labels(data, where, fnames):
+    """{file name: class id} of a dataset.json that labels each of `fnames`, or None for "labels": null."""
     try:
         labels = json.loads(data)['labels']
-        return {} if labels is None else {fname: label for fname, label in labels}
+        labels = None if labels is None else {fname: label for fname, label in labels}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f'{where} is not a valid dataset.json ({type(err).__name__}: {err})') from None
+    if labels is not None:
+        check_label_files(labels, fnames, where)
+        for fname in fnames:
+            check_class_label(labels[fname], f'{where}, {fname}')
+    return labels
 
 def open_lmdb(lmdb_dir, *, max_images):
     try:
@@ -235,8 +252,9 @@ def open_cifar10(tarball, *, max_images):
             raise ValueError(f'{where}: "labels" must be integers ({err})') from None
         if labels.shape != (images.shape[0],):
             raise ValueError(f'{where}: {labels.size} labels for {images.shape[0]} images')
-        if labels.size > 0 and labels.min() < 0:
-            raise ValueError(f'{where}: negative class id {labels.min()}')
+        bad = np.flatnonzero((labels < 0) | (labels >= 10))
+        if bad.size > 0:
+            raise ValueError(f'{where}: label {labels[bad[0]]} of image {bad[0]} is not a CIFAR-10 class (0 to 9)')
         images = np.ascontiguousarray(images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)) # NCHW => NHWC
         return images, labels
 
@@ -282,6 +300,8 @@ def open_mnist(images_gz, *, max_images):
         raise ValueError(f'{images_gz} holds {num_images} images but {labels_gz} holds {num_labels} labels')
     if num_images == 0:
         raise ValueError(f'no images in {images_gz}')
+    if rows == 0 or cols == 0:
+        raise ValueError(f'{images_gz}: its header announces {rows}x{cols} images; MNIST images are 28x28')
     max_idx = maybe_min(num_images, max_images)
 
     def iterate_images():
@@ -294,6 +314,8 @@ def open_mnist(images_gz, *, max_images):
                     label = fl.read(1)
                     if len(data) < rows * cols or len(label) < 1:
                         raise ValueError(f'{images_gz} or {labels_gz} ends after {idx} of the {num_images} images its header announces')
+                    if label[0] >= 10:
+                        raise ValueError(f'{labels_gz}: label {label[0]} of image {idx} is not an MNIST digit (0 to 9)')
                     img = np.frombuffer(data, dtype=np.uint8).reshape(rows, cols)
                     yield dict(img=np.pad(img, [(2, 2), (2, 2)], 'constant', constant_values=0), label=int(label[0]), name=f'{images_gz}[{idx}]')
         except (OSError, EOFError, zlib.error) as err:
@@ -301,6 +323,8 @@ def open_mnist(images_gz, *, max_images):
     return max_idx, iterate_images()
 
 def open_dataset(source, *, max_images):
+    if os.path.exists(source) and not os.path.isdir(source):
+        dnnlib.util.check_regular_file(source)
     if os.path.isdir(source):
         if source.rstrip('/\\').endswith('_lmdb'):
             return open_lmdb(source, max_images=max_images)

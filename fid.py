@@ -3,6 +3,7 @@ the FID of a set of images (or of a network's samples) against them."""
 
 import os
 import re
+import sys
 import zipfile
 
 import click
@@ -16,6 +17,7 @@ from torch_utils import distributed as dist
 from torch_utils import persistence
 from torch_utils.misc import choose_device
 from generate import prepare_network, sample_batches, split_batches
+from training.sampling import check_sampler_options, parse_seeds
 
 #----------------------------------------------------------------------------
 
@@ -90,9 +92,27 @@ def load_stats(stats_path, verbose=True):
         found = 'a single array' if stats is None else (', '.join(stats) or 'nothing')
         raise ValueError(f'{stats_path} holds no FID statistics: expected arrays mu and sigma, found {found}')
     mu, sigma = stats['mu'], stats['sigma']
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) or mu.shape[0] == 0:
         raise ValueError(f'{stats_path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]')
+    check_stats(mu, sigma, stats_path)
     return mu, sigma
+
+def check_stats(mu, sigma, name):
+    """Raise ValueError unless mu and sigma are finite real numbers and sigma is symmetric and positive
+    semi-definite, both to 1e-6 of its largest variance (float32 round-off passes)."""
+    if mu.dtype.kind not in 'iuf' or sigma.dtype.kind not in 'iuf':
+        raise ValueError(f'{name}: mu and sigma must be real numbers, got {mu.dtype} and {sigma.dtype}')
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f'{name}: mu or sigma holds infinite or NaN values')
+    tol = 1e-6 * max(np.abs(np.diag(sigma)).max(), np.finfo(np.float64).tiny)
+    asymmetry = np.abs(sigma - sigma.T).max()
+    if asymmetry > tol:
+        raise ValueError(f'{name}: sigma is not symmetric (differs from its transpose by {asymmetry:g}), so it is not a covariance')
+    try:
+        np.linalg.cholesky((sigma + sigma.T) / 2 + tol * np.eye(len(sigma)))
+    except np.linalg.LinAlgError:
+        raise ValueError(f'{name}: sigma is not positive semi-definite (an eigenvalue below -{tol:g}), so it is not a covariance') from None
 
 def _rank_batches(items, max_batch_size):
     """This rank's non-empty batches of `items` (at most max_batch_size each, round-robin over ranks, as generate.py)."""
@@ -122,9 +142,11 @@ def _detect(detector, images, detector_name):
         raise ValueError(f'{detector_name} returned {got} for a batch of {images.shape[0]}; expected [N, D] features')
     return features
 
-def accumulate_stats(detector, batches, image_shape, num_batches=None, device=None, detector_name='the feature detector', feature_dim=None):
+def accumulate_stats(detector, batches, image_shape, num_batches=None, device=None, detector_name='the feature detector', feature_dim=None,
+                     num_images=None, allow_rank_deficient=True):
     """Mean and covariance (numpy float64) of the features of uint8 image batches [N, C, H, W],
-    summed over all ranks; every rank must call this."""
+    summed over all ranks; every rank must call this. Unless allow_rank_deficient, fewer num_images
+    than feature dimensions plus one (a singular covariance) is an error before the first batch."""
     device = choose_device(device)
     if image_shape[0] not in (1, 3):
         raise ValueError(f'images have {image_shape[0]} channels; the detector takes RGB or grayscale images')
@@ -133,6 +155,9 @@ def accumulate_stats(detector, batches, image_shape, num_batches=None, device=No
         if feature_dim is not None and dim != feature_dim:
             raise ValueError(f'{detector_name} gives {dim}-dimensional features, '
                              f'but the reference statistics are {feature_dim}-dimensional')
+        if not allow_rank_deficient and num_images is not None and num_images <= dim:
+            raise ValueError(f'{num_images} images give a covariance of rank at most {num_images - 1} for {dim}-dimensional features, '
+                             f'which makes a poor FID reference; use at least {dim + 1} images, or --allow-rank-deficient')
         acc_device = device if device.type in ('cpu', 'cuda') else torch.device('cpu') # float64 support
         sum_f = torch.zeros([dim], dtype=torch.float64, device=acc_device)        # sum of f
         sum_ff = torch.zeros([dim, dim], dtype=torch.float64, device=acc_device)  # sum of f^T f
@@ -168,6 +193,7 @@ def calculate_inception_stats(
     detector_url    = DETECTOR_URL, # Feature detector pickle (path or URL).
     feature_dim     = None,         # Expected feature size (of the reference statistics), checked before the first batch.
     allow_code      = False,        # Load a detector pickle that names code other than ours?
+    allow_rank_deficient = True,    # Accept fewer images than feature dimensions plus one (a singular covariance)?
 ):
     """Feature statistics (mu, sigma) of the images in `image_path`, over all ranks."""
     from training.dataset import ImageFolderDataset
@@ -187,8 +213,9 @@ def calculate_inception_stats(
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                          prefetch_factor=(prefetch_factor if num_workers > 0 else None))
     images = (images for images, _labels in loader) # the dataset rejects images of another shape than the first
-    return accumulate_stats(detector, images, dataset.image_shape, num_batches=len(batches),
-                            device=device, detector_name=f'the feature detector {detector_url}', feature_dim=feature_dim)
+    return accumulate_stats(detector, images, dataset.image_shape, num_batches=len(batches), device=device,
+                            detector_name=f'the feature detector {detector_url}', feature_dim=feature_dim,
+                            num_images=len(dataset), allow_rank_deficient=allow_rank_deficient)
 
 #----------------------------------------------------------------------------
 # Statistics of a network's samples, generated in memory exactly as
@@ -219,6 +246,7 @@ def calculate_inception_stats_for_network(
         raise ValueError(f'{len(seeds)} seed(s) given; FID statistics need at least 2 images')
     dist.print0(f'Loading network from "{network_pkl}"...')
     net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+    check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
     net = prepare_network(net, device, precision=precision, use_compile=use_compile)
     detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0), allow_code=allow_code))
 
@@ -248,6 +276,13 @@ def _one_line(err):
     if len(lines) > 1 and lines[0].startswith('Caught '):
         return re.sub(r'^[\w.]+: ', '', lines[-1])
     return ' '.join(lines) or type(err).__name__
+
+def _print_fid(fid, scale):
+    """Print the FID, never below zero: round-off (at most 1e-6 of `scale`, the total variance of both
+    statistics) is printed as 0; a larger negative value also prints a warning on stderr."""
+    if fid < -1e-6 * scale:
+        print(f'Warning: the FID formula gave {fid:g} (below zero beyond round-off); printing 0', file=sys.stderr, flush=True)
+    print(f'{max(fid, 0.0):g}', flush=True)
 
 def _default_workers(num_workers):
     """--workers: 3 unless the process may use fewer CPUs."""
@@ -336,13 +371,17 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
     if network_pkl is not None and (given('num_expected') or given('seed')):
         raise click.ClickException('--num and --seed select images of --images; with --network, use --seeds')
     try:
-        seeds = dnnlib.util.parse_int_list(network_kwargs.pop('seeds') or '0-49999')
+        seeds = parse_seeds(network_kwargs.pop('seeds') or '0-49999')
     except ValueError as err:
         raise click.ClickException(f'--seeds: {err}')
     class_idx = network_kwargs.pop('class_idx')
     precision = network_kwargs.pop('precision') or 'fp32'
     use_compile = bool(network_kwargs.pop('compile_net'))
     sampler_kwargs = {name: value for name, value in network_kwargs.items() if value is not None} # unset: sampler defaults
+    try:
+        check_sampler_options(**sampler_kwargs)
+    except ValueError as err:
+        raise click.ClickException(str(err))
 
     try:
         device = dist.init(device)
@@ -358,7 +397,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
         dist.print0('Calculating FID...')
         if dist.get_rank() == 0:
             fid = calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref)
-            print(f'{fid:g}', flush=True)
+            _print_fid(fid, scale=np.trace(sigma) + np.trace(sigma_ref))
         _finish()
     except (ValueError, OSError) as err:
         raise click.ClickException(_one_line(err)) from None
@@ -369,14 +408,16 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
 @click.option('--data', 'dataset_path',    help='Path to the dataset', metavar='PATH|ZIP',                            type=str, required=True)
 @click.option('--dest', 'dest_path',       help='Destination .npz file', metavar='NPZ',                               type=str, required=True)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                  type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--allow-rank-deficient',    help='Accept fewer images than feature dimensions (a singular covariance)', is_flag=True)
 @_common_options
 
-def ref(dataset_path, dest_path, max_batch_size, detector_url, allow_code, device, num_workers):
+def ref(dataset_path, dest_path, max_batch_size, allow_rank_deficient, detector_url, allow_code, device, num_workers):
     """Calculate dataset reference statistics needed by 'calc'."""
     try:
         device = dist.init(device)
         mu, sigma = calculate_inception_stats(dataset_path, max_batch_size=max_batch_size, num_workers=_default_workers(num_workers),
-                                              device=device, detector_url=detector_url, allow_code=allow_code)
+                                              device=device, detector_url=detector_url, allow_code=allow_code,
+                                              allow_rank_deficient=allow_rank_deficient)
         if not dest_path.endswith('.npz'):
             dest_path += '.npz' # as np.savez names it
         dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')

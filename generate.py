@@ -4,6 +4,7 @@ processes (`torchrun`)."""
 
 import concurrent.futures
 import contextlib
+import copy
 import math
 import os
 import time
@@ -19,6 +20,7 @@ from torch_utils import distributed as dist
 from training.network_io import load_network_pkl, rebuild_network
 from training.networks import set_fast_paths
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator # re-exported, as in the reference
+from training.sampling import check_sampler_options, num_evaluations, parse_seeds
 
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling') # any of these selects ablation_sampler
 AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -47,17 +49,23 @@ def grid_size_for(num_images):
     grid_w = max(math.ceil(math.sqrt(num_images)), 1)
     return grid_w, max(math.ceil(num_images / grid_w), 1)
 
-def save_image_grid(images, path, grid_size=None):
-    """Write uint8 [N, H, W, C] images as one PNG, in rows of grid_w (empty cells black), atomically."""
+def save_image_grid(images, path, grid_size=None, scale=1, gap=0):
+    """Write uint8 [N, H, W, C] images as one PNG, in rows of grid_w (empty cells black), atomically.
+    Each image is upscaled `scale` times (nearest neighbour); `gap` white pixels separate the cells."""
     images = np.asarray(images)
     grid_w, grid_h = grid_size if grid_size is not None else grid_size_for(len(images))
     if len(images) > grid_w * grid_h:
         raise ValueError(f'{len(images)} images do not fit a {grid_w}x{grid_h} grid')
+    if int(scale) != scale or scale < 1 or int(gap) != gap or gap < 0:
+        raise ValueError(f'grid scale must be a positive integer and gap a non-negative one, got {scale!r} and {gap!r}')
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     _N, H, W, C = images.shape
     cells = np.zeros([grid_h * grid_w, H, W, C], dtype=np.uint8)
     cells[:len(images)] = images
-    grid = cells.reshape(grid_h, grid_w, H, W, C).transpose(0, 2, 1, 3, 4).reshape(grid_h * H, grid_w * W, C)
-    save_image(grid, path)
+    grid = np.full([grid_h, H + gap, grid_w, W + gap, C], 255, dtype=np.uint8)
+    grid[:, :H, :, :W] = cells.reshape(grid_h, grid_w, H, W, C).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(grid_h * (H + gap), grid_w * (W + gap), C)[:grid_h * (H + gap) - gap, :grid_w * (W + gap) - gap]
+    save_image(np.ascontiguousarray(grid), path)
 
 #----------------------------------------------------------------------------
 # The network as the samplers see it, at the chosen precision.
@@ -92,6 +100,13 @@ class SamplerNet:
         if self.on_call is not None:
             self.on_call()
         return out
+
+def _reporting(net, device_type, on_call):
+    """A copy of `net` as a SamplerNet that also calls on_call after each network evaluation."""
+    net = copy.copy(net) if isinstance(net, SamplerNet) else SamplerNet(net, device_type)
+    previous = net.on_call
+    net.on_call = on_call if previous is None else (lambda: (previous(), on_call()))
+    return net
 
 def prepare_network(net, device, precision='fp32', use_compile=False, freeze=True):
     """Move `net` to `device` for sampling at the given precision and wrap it for the samplers.
@@ -156,20 +171,28 @@ def check_class(net, class_idx):
 def sample_batches(net, seeds, device, class_idx=None, max_batch_size=64, progress=False, **sampler_kwargs):
     """Yield (batch_seeds, uint8 images [B, H, W, C]) for this rank's batches; each image depends only on its seed.
     Unset (None) sampler options are not passed; any ablation option selects ablation_sampler.
-    A SamplerNet with pad_batches runs smaller batches padded with copies of their last seed."""
+    A SamplerNet with pad_batches runs smaller batches padded with copies of their last seed.
+    With `progress`, rank 0 shows a bar that advances with each network evaluation."""
     check_class(net, class_idx)
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
     sampler_fn = ablation_sampler if any(key in sampler_kwargs for key in ABLATION_OPTIONS) else edm_sampler
-    rank_batches = split_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size())
-    padded_size = max(map(len, rank_batches)) if getattr(net, 'pad_batches', False) else 0
+    rank_batches = [batch for batch in split_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()) if len(batch) > 0]
+    padded_size = max(map(len, rank_batches), default=0) if getattr(net, 'pad_batches', False) else 0
+    nfe = num_evaluations(sampler_kwargs.get('num_steps', 18), sampler_kwargs.get('solver', 'heun'))
+    with tqdm.tqdm(total=nfe * len(rank_batches), unit='eval', disable=(not progress or dist.get_rank() != 0)) as bar:
+        if not bar.disable:
+            net = _reporting(net, device.type, lambda: bar.update(1))
+        yield from _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, sampler_fn, sampler_kwargs)
+
+def _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, sampler_fn, sampler_kwargs):
+    """The body of sample_batches: sample each non-empty batch of seeds, padded to padded_size."""
     # Without churn, edm_sampler multiplies each step's noise by sqrt(t_hat^2 - t_i^2) = 0 (t_hat = round_sigma(t_i),
     # and round_sigma is idempotent), and the batch's generators are dropped after it: zeros give the same images
     # without one draw per seed and step (256 small kernels per step on a GPU).
     no_churn = (sampler_fn is edm_sampler and sampler_kwargs.get('S_churn', 0) == 0)
-    for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(not progress or dist.get_rank() != 0)):
+    for batch_seeds in rank_batches:
         batch_size = len(batch_seeds)
-        if batch_size == 0:
-            continue
         run_seeds = batch_seeds + batch_seeds[-1:] * (padded_size - batch_size) # the padding's images are dropped
         run_size = len(run_seeds)
 
@@ -239,12 +262,13 @@ def _barrier():
 @click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                      type=click.Choice(['vp', 'none']))
 
 @click.option('--device',                  help='Device  [default: cuda when available, else cpu]', metavar='STR',    type=str, default=None)
-@click.option('--grid',                    help='Also write a grid of all images to this PNG', metavar='PATH',        type=str, default=None)
+@click.option('--grid',                    help='Also write a grid of all images (one white pixel apart) to this PNG', metavar='PATH', type=str, default=None)
+@click.option('--grid-scale', 'grid_scale', help='Upscale each grid cell this many times (nearest neighbour)', metavar='INT', type=click.IntRange(min=1, max=64), default=1, show_default=True)
 @click.option('--precision',               help='Network precision (fp32 = faithful, as the reference)',                                type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']), default='fp32', show_default=True)
 @click.option('--compile', 'compile_net',  help='torch.compile the network (CUDA graphs on CUDA)',                                          is_flag=True)
 @click.option('--allow-code',              help='Load a pickle that names code other than ours (runs the code it carries)',             is_flag=True)
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, precision, compile_net, allow_code, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, grid_scale, precision, compile_net, allow_code, **sampler_kwargs):
     """Sample one PNG per seed from a network pickle (a path or URL), with the
     EDM sampler or, given any of --solver/--disc/--schedule/--scaling, the
     generalised sampler used for the ablations of the EDM paper.
@@ -263,11 +287,14 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     """
     # Check the options that need no network.
     try:
-        seeds = dnnlib.util.parse_int_list(seeds)
+        seeds = parse_seeds(seeds)
     except ValueError as err:
         raise click.ClickException(f'--seeds: {err}')
-    if sampler_kwargs['num_steps'] < 1:
-        raise click.ClickException(f'--steps must be at least 1, got {sampler_kwargs["num_steps"]}')
+    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    try:
+        check_sampler_options(**sampler_kwargs)
+    except ValueError as err:
+        raise click.ClickException(str(err))
     if max_batch_size < 1:
         raise click.ClickException(f'--batch must be at least 1, got {max_batch_size}')
     if os.path.exists(outdir) and not os.path.isdir(outdir):
@@ -287,6 +314,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
 
     try:
         check_class(net, class_idx)
+        check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
     except ValueError as err:
         raise click.ClickException(str(err))
 
@@ -310,7 +338,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     # Rank 0 tiles all images, in seed order, into one grid.
     if grid is not None and dist.get_rank() == 0:
         try:
-            save_image_grid(np.stack([read_image(image_path(outdir, seed, subdirs)) for seed in seeds]), grid)
+            save_image_grid(np.stack([read_image(image_path(outdir, seed, subdirs)) for seed in seeds]), grid, scale=grid_scale, gap=grid_scale)
         except OSError as err:
             raise click.ClickException(f'cannot write --grid {grid}: {err.strerror or err}')
     _barrier()

@@ -12,6 +12,7 @@ import pickle
 import re
 import shutil
 import socket
+import stat
 import sys
 import time
 import types
@@ -196,8 +197,9 @@ def get_dtype_and_ctype(type_obj: Any) -> Tuple[Any, Any]:
         raise ValueError(f'unsupported dtype {type_str}')
     return np.dtype(type_str), _str_to_ctype[type_str]
 
-def parse_int_list(s: Union[str, List[int]]) -> List[int]:
-    """Parse '1,2,5-10' into [1, 2, 5, 6, 7, 8, 9, 10]; ranges are inclusive."""
+def parse_int_list(s: Union[str, List[int]], max_len: Optional[int] = None) -> List[int]:
+    """Parse '1,2,5-10' into [1, 2, 5, 6, 7, 8, 9, 10]; ranges are inclusive.
+    With max_len, a longer list is an error, raised before it is built."""
     if isinstance(s, list):
         return s
     ranges = []
@@ -210,12 +212,16 @@ def parse_int_list(s: Union[str, List[int]]) -> List[int]:
             a, b = int(m.group(1)), int(m.group(2))
             if b < a:
                 raise ValueError(f'invalid range {p.strip()!r}: the end is smaller than the start')
+            if max_len is not None and len(ranges) + (b - a + 1) > max_len:
+                raise ValueError(f'more than {max_len} numbers (at {p.strip()!r})')
             ranges.extend(range(a, b + 1))
         else:
             try:
                 ranges.append(int(p))
             except ValueError:
                 raise ValueError(f'invalid integer or range {p.strip()!r} in {s!r}') from None
+            if max_len is not None and len(ranges) > max_len:
+                raise ValueError(f'more than {max_len} numbers (at {p.strip()!r})')
     if len(ranges) == 0:
         raise ValueError(f'empty list {s!r}')
     return ranges
@@ -307,6 +313,22 @@ def atomic_write(path: str, mode: str = 'wb'):
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+#----------------------------------------------------------------------------
+# Input files: only regular files are read (a FIFO blocks, a device never ends).
+
+_FILE_KINDS = [(stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO'), (stat.S_ISCHR, 'a character device'),
+               (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket')]
+
+def check_regular_file(path: str) -> None:
+    """Raise FileNotFoundError if `path` does not exist, ValueError if it (or the target of a link) is not a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f'file not found: {path}') from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), 'a special file')
+        raise ValueError(f'{path} is {kind}, not a regular file')
 
 #----------------------------------------------------------------------------
 # Functionality to import modules/objects by name, and call functions by name.

@@ -162,14 +162,16 @@ def test_zip_source_with_dataset_json(tmp_path):
         np.testing.assert_array_equal(out[archive_name(i)], img)
     assert labels == [[archive_name(i), 7 - i] for i in range(3)]
 
-def test_folder_with_partial_dataset_json_has_no_labels(tmp_path):
+def test_folder_with_partial_dataset_json_is_an_error(tmp_path):
+    # A dataset.json that labels only some images names the first image without a label, rather than writing labels: null.
     rng = np.random.default_rng(4)
     for name in ['a.png', 'b.png']:
         write_image(tmp_path / 'src' / name, random_image(rng, 4, 4))
     (tmp_path / 'src' / 'dataset.json').write_text(json.dumps(dict(labels=[['a.png', 1]])))
-    run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'out.zip')
-    out, labels = read_dataset(tmp_path / 'out.zip')
-    assert len(out) == 2 and labels is None
+    res = run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'out.zip', check=False)
+    assert res.returncode != 0 and 'Traceback' not in res.stderr
+    assert f'Error: {tmp_path / "src" / "dataset.json"} has no label for b.png (1 of 2 images lack one)' in res.stderr
+    assert not os.path.exists(tmp_path / 'out.zip')
 
 def test_lsun_lmdb(tmp_path):
     lmdb = pytest.importorskip('lmdb')

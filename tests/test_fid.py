@@ -263,7 +263,7 @@ def test_error_images_of_mixed_sizes(setup, tmp_path):
     folder = write_folder(tmp_path / 'mixed', random_images(6, resolution=8))
     with open(os.path.join(folder, 'img9999.png'), 'wb') as f:
         f.write(png_bytes(random_images(1, resolution=16)[0]))
-    res = fid_cmd('ref', '--data', folder, '--dest', tmp_path / 'mixed.npz', '--detector', setup['detector_pkl'],
+    res = fid_cmd('ref', '--data', folder, '--dest', tmp_path / 'mixed.npz', '--detector', setup['detector_pkl'], '--allow-rank-deficient',
                   '--device', 'cpu', '--workers', 2, env=setup['env'], check=False) # raised in a DataLoader worker
     line = error_line(res)
     assert 'img9999.png' in line and 'shape' in line
@@ -273,7 +273,7 @@ def test_error_on_one_rank_stops_every_rank_cleanly(setup, tmp_path):
     with open(os.path.join(folder, 'img9999.png'), 'wb') as f:
         f.write(png_bytes(random_images(1, resolution=16)[0]))
     res = run_torchrun(['fid.py', 'ref', '--data', folder, '--dest', tmp_path / 'x.npz', '--detector', setup['detector_pkl'],
-                        '--device', 'cpu', '--batch', 2, '--workers', 0, '--allow-code'], nproc=2, check=False)
+                        '--allow-rank-deficient', '--device', 'cpu', '--batch', 2, '--workers', 0, '--allow-code'], nproc=2, check=False)
     errors = sorted(re.findall(r'(?<![A-Za-z])Error: [^\r\n]*', res.stderr)) # a progress bar may precede one on its line
     assert res.returncode != 0 and f'File "{ROOT}' not in res.stderr, res.stderr # torchrun's launcher prints its own traceback
     assert len(errors) == 2 and 'img9999.png' in errors[0] and 'another process of this run stopped' in errors[1], res.stderr
@@ -305,3 +305,17 @@ def test_error_network_with_fewer_than_two_seeds(setup, tmp_path):
     assert 'at least 2' in error_line(res)
 
 #----------------------------------------------------------------------------
+
+def test_ref_refuses_rank_deficient_statistics_unless_allowed(setup, tmp_path):
+    # 10 images of 16-dimensional features: a covariance of rank at most 9, refused before any image is read.
+    folder = write_folder(tmp_path / 'few', random_images(10))
+    res = fid_cmd('ref', '--data', folder, '--dest', tmp_path / 'few.npz', '--detector', setup['detector_pkl'],
+                  '--device', 'cpu', '--workers', 0, env=setup['env'], check=False)
+    line = error_line(res)
+    assert 'rank at most 9 for 16-dimensional features' in line and '--allow-rank-deficient' in line
+    assert not os.path.exists(tmp_path / 'few.npz')
+    fid_cmd('ref', '--data', folder, '--dest', tmp_path / 'few.npz', '--detector', setup['detector_pkl'], '--allow-rank-deficient',
+            '--device', 'cpu', '--workers', 0, env=setup['env'])
+    with np.load(tmp_path / 'few.npz') as data:
+        singular_values = np.linalg.svd(data['sigma'], compute_uv=False)
+    assert (singular_values[9:] < 1e-10 * singular_values[0]).all() # rank 9 up to round-off

@@ -96,14 +96,28 @@ def test_one_png_per_seed(reference_run):
     assert not any(name.startswith('.') for name in os.listdir(reference_run['images'])) # no temporary files left
 
 def test_grid_tiles_images_in_seed_order(reference_run):
-    # 6 images -> 3 columns, 2 rows (as close to square as possible), row-major in seed order.
+    # 6 images -> 3 columns, 2 rows (as close to square as possible), row-major in seed order, one white pixel apart.
     with PIL.Image.open(reference_run['grid']) as image:
         grid = np.array(image)
-    assert grid.shape == (2 * 8, 3 * 8, 3)
+    assert grid.shape == (2 * 8 + 1, 3 * 8 + 2, 3)
+    assert (grid[8] == 255).all() and (grid[:, 8] == 255).all() and (grid[:, 17] == 255).all()
     images = read_pngs(reference_run['images'])
     for k, seed in enumerate(SEED_LIST):
         row, col = divmod(k, 3)
-        np.testing.assert_array_equal(grid[row * 8 : (row + 1) * 8, col * 8 : (col + 1) * 8], images[f'{seed:06d}.png'][1])
+        np.testing.assert_array_equal(grid[row * 9 : row * 9 + 8, col * 9 : col * 9 + 8], images[f'{seed:06d}.png'][1])
+
+def test_grid_scale_repeats_pixels(pkls, reference_run, tmp_path):
+    # 4 images -> 2x2 cells of 3x3 = 24x24 pixels, 3 white pixels apart; every image pixel becomes a 3x3 block.
+    run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path / "images"}', '--seeds=0-3', f'--grid={tmp_path / "grid.png"}', '--grid-scale=3', *FAST)
+    with PIL.Image.open(tmp_path / 'grid.png') as image:
+        grid = np.array(image)
+    assert grid.shape == (2 * 24 + 3, 2 * 24 + 3, 3)
+    assert (grid[24:27] == 255).all() and (grid[:, 24:27] == 255).all()
+    images = read_pngs(reference_run['images'])
+    for k in range(4):
+        row, col = divmod(k, 2)
+        cell = grid[row * 27 : row * 27 + 24, col * 27 : col * 27 + 24]
+        np.testing.assert_array_equal(cell, np.kron(images[f'{k:06d}.png'][1], np.ones([3, 3, 1], dtype=np.uint8)))
 
 def test_batch_size_does_not_change_images(pkls, reference_run, tmp_path):
     run_ok(f'--network={pkls["cond"]}', f'--outdir={tmp_path}', f'--seeds={SEEDS}', '--batch=1', *FAST)
@@ -238,8 +252,8 @@ ERRORS = {
     'invalid source code':   (lambda p, d: [f'--network={p["badsource"]}', f'--outdir={d}/out', '--allow-code'], 'badsource.pkl is not a readable network pickle (SyntaxError'),
     'pickle without ema':    (lambda p, d: [f'--network={p["noema"]}', f'--outdir={d}/out'], 'ema'),
     'ema not a network':     (lambda p, d: [f'--network={p["notnet"]}', f'--outdir={d}/out'], 'holds a int, not a preconditioned network'),
-    'empty iddpm range':     (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--disc=iddpm', '--sigma_min=10', '--sigma_max=1'],
-                              'sigma_min=10 and sigma_max=1'),
+    'empty iddpm range':     (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--disc=iddpm', '--sigma_min=250', '--sigma_max=300'],
+                              'sigma_min=250 and sigma_max=300'), # the iDDPM levels nearest are 214 and 321
     'class out of range':    (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', f'--class={LABEL_DIM}'], '--class'),
     'negative class':        (lambda p, d: [f'--network={p["cond"]}', f'--outdir={d}/out', '--class=-1'], '--class'),
     'class for uncond net':  (lambda p, d: [f'--network={p["gray"]}', f'--outdir={d}/out', '--class=0'], 'unconditional'),

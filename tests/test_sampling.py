@@ -19,7 +19,7 @@ SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler}
 # What a user copies (README, "Generating images"): edm_sampler alone; ablation_sampler with its helpers.
 COPIED_PARTS = {
     'edm': ['edm_sampler'],
-    'ablation': ['_step_fractions', 'edm_sigma_steps', 'iddpm_sigma_table', 'vp_sigma', '_check_num_steps', '_check_choice',
+    'ablation': ['_step_fractions', 'edm_sigma_steps', 'iddpm_sigma_table', 'vp_sigma', 'default_sigma_range', '_check_num_steps', '_check_choice',
                  'ablation_sampler'],
 }
 

@@ -3,7 +3,10 @@
 
 import io
 import json
+import math
+import numbers
 import os
+import struct
 import zipfile
 
 import numpy as np
@@ -16,6 +19,46 @@ try:
     import pyspng
 except ImportError:
     pyspng = None
+
+#----------------------------------------------------------------------------
+# Checks of untrusted input, shared with dataset_tool.py.
+
+MAX_CLASSES     = 100000    # Class ids are below this (one-hot labels of MAX_CLASSES floats per image).
+MAX_FILE_BYTES  = 1 << 30   # Largest zip member read (a 16384x16384 RGB PNG stored uncompressed is 768 MiB).
+_PNG_SIGNATURE  = b'\x89PNG\r\n\x1a\n'
+
+def check_class_label(label, where):
+    """Raise ValueError unless `label` is an integer class id 0 <= label < MAX_CLASSES (not a bool, not a float such as 3.0)."""
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, numbers.Integral) or not 0 <= label < MAX_CLASSES:
+        raise ValueError(f'{where}: label {json.dumps(label) if isinstance(label, (str, bool, int, float, type(None))) else repr(label)} '
+                         f'is not a class id (an integer from 0 to {MAX_CLASSES - 1})')
+
+def check_label_files(labels, fnames, where):
+    """Raise ValueError unless the file names that the labels of `where` name are exactly `fnames`."""
+    known = set(fnames)
+    extra = [fname for fname in labels if fname not in known]
+    if len(extra) > 0:
+        raise ValueError(f'{where} labels {extra[0]}, which is not one of its images ({len(extra)} such labels)')
+    missing = [fname for fname in fnames if fname not in labels]
+    if len(missing) > 0:
+        raise ValueError(f'{where} has no label for {missing[0]} ({len(missing)} of {len(fnames)} images lack one)')
+
+def check_png_pixels(data, name):
+    """Raise ValueError if the PNG header of `data` announces more pixels than Pillow decodes
+    (2 * PIL.Image.MAX_IMAGE_PIXELS, its DecompressionBombError limit); other data passes."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is None or len(data) < 24 or data[:8] != _PNG_SIGNATURE:
+        return
+    width, height = struct.unpack('>II', data[16:24]) # IHDR, the first chunk
+    if width * height > 2 * limit:
+        raise ValueError(f'{name}: {width}x{height} pixels, more than the {2 * limit} that Pillow decodes '
+                         f'(2 * PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)')
+
+def check_zip_member_size(zip_file, fname, name):
+    """Raise ValueError if the member `fname` of an open ZipFile is larger than MAX_FILE_BYTES uncompressed."""
+    size = zip_file.getinfo(fname).file_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f'{name}: {size} bytes uncompressed, more than the {MAX_FILE_BYTES >> 20} MiB read from one file')
 
 #----------------------------------------------------------------------------
 # Abstract base class for datasets.
@@ -66,6 +109,8 @@ class Dataset(torch.utils.data.Dataset):
                     raise ValueError(f'dataset {self._name}: integer labels must be one class id per image')
                 if raw_labels.size > 0 and raw_labels.min() < 0:
                     raise ValueError(f'dataset {self._name}: class ids must be non-negative, got {raw_labels.min()}')
+                if raw_labels.size > 0 and raw_labels.max() >= MAX_CLASSES:
+                    raise ValueError(f'dataset {self._name}: class id {raw_labels.max()} is too large (at most {MAX_CLASSES - 1})')
             self._raw_labels = raw_labels
         return self._raw_labels
 
@@ -202,11 +247,12 @@ class ImageFolderDataset(Dataset):
             self._type = 'dir'
             self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path)
                                 for root, _dirs, files in os.walk(self._path) for fname in files}
-        elif os.path.isfile(self._path) and _file_ext(self._path) == '.zip':
-            self._type = 'zip'
-            self._all_fnames = set(self._get_zipfile().namelist())
         elif not os.path.exists(self._path):
             raise ValueError(f'dataset not found: {self._path}')
+        elif _file_ext(self._path) == '.zip':
+            dnnlib.util.check_regular_file(self._path)
+            self._type = 'zip'
+            self._all_fnames = set(self._get_zipfile().namelist())
         else:
             raise ValueError(f'dataset must be a folder or a .zip file: {self._path}')
 
@@ -232,8 +278,12 @@ class ImageFolderDataset(Dataset):
         return self._zipfile
 
     def _open_file(self, fname):
+        """Open a regular file of the folder, or a zip member of at most MAX_FILE_BYTES, for reading."""
         if self._type == 'dir':
-            return open(os.path.join(self._path, fname), 'rb')
+            path = os.path.join(self._path, fname)
+            dnnlib.util.check_regular_file(path)
+            return open(path, 'rb')
+        check_zip_member_size(self._get_zipfile(), fname, os.path.join(self._path, fname))
         return self._get_zipfile().open(fname, 'r')
 
     def close(self):
@@ -255,6 +305,10 @@ class ImageFolderDataset(Dataset):
         try:
             with self._open_file(fname) as f:
                 data = f.read()
+        except (OSError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f'{self._image_name(raw_idx)}: cannot read ({type(err).__name__}: {err})') from None
+        check_png_pixels(data, self._image_name(raw_idx)) # Pillow's limit, also for pyspng, which has none
+        try:
             image = _decode_image(data, _file_ext(fname), self._use_pyspng)
         except PIL.UnidentifiedImageError:
             raise ValueError(f'{self._image_name(raw_idx)}: not a readable image (unknown format or corrupt file)') from None
@@ -283,15 +337,17 @@ class ImageFolderDataset(Dataset):
         except (TypeError, ValueError):
             raise ValueError(f'{where}: "labels" must be a list of [file name, label] pairs or null') from None
         keys = [fname.replace('\\', '/') for fname in self._image_fnames]
-        missing = [key for key in keys if key not in labels]
-        if len(missing) > 0:
-            raise ValueError(f'{where} has no label for {missing[0]} ({len(missing)} of {len(keys)} images lack one)')
+        check_label_files(labels, keys, where)
+        if not any(isinstance(labels[key], list) for key in keys): # class ids
+            for key in keys:
+                check_class_label(labels[key], f'{where}, {key}')
+            return np.array([labels[key] for key in keys], dtype=np.int64)
         try:
             labels = np.array([labels[key] for key in keys])
         except ValueError:
             raise ValueError(f'{where}: labels must all have the same shape') from None
-        if labels.ndim not in (1, 2) or labels.dtype.kind not in 'biuf':
-            raise ValueError(f'{where}: labels must be integer class ids or numeric vectors')
-        return labels.astype({1: np.int64, 2: np.float32}[labels.ndim])
+        if labels.ndim != 2 or labels.dtype.kind not in 'iuf' or not np.isfinite(labels).all():
+            raise ValueError(f'{where}: labels must be integer class ids or vectors of finite numbers')
+        return labels.astype(np.float32)
 
 #----------------------------------------------------------------------------

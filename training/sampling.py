@@ -1,8 +1,12 @@
 """Samplers of Karras et al. 2022: the EDM sampler (Algorithm 2), the
 generalised ablation sampler (Section 3) and per-seed random numbers."""
 
+import math
+
 import numpy as np
 import torch
+
+import dnnlib
 
 #----------------------------------------------------------------------------
 # Noise level discretisations shared by both samplers.
@@ -14,7 +18,13 @@ def _step_fractions(num_steps, device):
 
 def edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=None):
     """EDM time steps, eq. 5 of Karras et al. 2022: sigma_max .. sigma_min spaced uniformly in sigma^(1/rho)."""
-    return (sigma_max ** (1 / rho) + _step_fractions(num_steps, device) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    fractions = _step_fractions(num_steps, device)
+    ratio = (sigma_min / sigma_max) ** (1 / rho)
+    if ratio >= 1e-8: # the reference's form
+        return (sigma_max ** (1 / rho) + fractions * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    # A small rho (below about 0.57 for 0.002 .. 80) takes sigma^(1/rho) out of float64's range: the same steps
+    # with sigma_max factored out, sigma_max ((1 - i/(N-1)) + i/(N-1) (sigma_min/sigma_max)^(1/rho))^rho.
+    return (sigma_max * ((1 - fractions) + fractions * ratio) ** rho).clamp(min=sigma_min)
 
 def iddpm_sigma_table(M, C_1, C_2, device=None):
     """The improved-DDPM noise levels u[0..M] (u[M] = 0, decreasing in j) in float64."""
@@ -30,6 +40,71 @@ def iddpm_sigma_table(M, C_1, C_2, device=None):
 def vp_sigma(t, beta_d, beta_min):
     """VP noise level sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1); t a float or a tensor."""
     return (np.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
+
+#----------------------------------------------------------------------------
+# Checks of the sampler options, shared by both samplers and the command lines.
+
+MAX_STEPS = 10000 # --steps
+
+def default_sigma_range(discretization='edm', epsilon_s=1e-3):
+    """(sigma_min, sigma_max) that the samplers use when none is given: those of the discretization (Table 1)."""
+    _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
+    return {'vp': (vp_sigma(epsilon_s, beta_d=19.9, beta_min=0.1), vp_sigma(1, beta_d=19.9, beta_min=0.1)),
+            've': (0.02, 100), 'iddpm': (0.002, 81), 'edm': (0.002, 80)}[discretization]
+
+def _check_finite(name, value, low=None):
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise ValueError(f'--{name} must be a finite number' + ('' if low is None else f' >= {low:g}') + f', got {value:g}')
+
+def check_sampler_options(
+    net_sigma_min   = None,         # The network's lowest noise level; None: not known yet (no range check).
+    net_sigma_max   = None,         # The network's highest noise level.
+    num_steps       = 18,
+    sigma_min       = None,         # None: the discretization's default.
+    sigma_max       = None,
+    rho             = 7,
+    S_churn         = 0,
+    S_min           = 0,
+    S_max           = float('inf'),
+    S_noise         = 1,
+    discretization  = 'edm',
+    **_other,                       # Other ablation options, checked by ablation_sampler.
+):
+    """Raise ValueError naming the option (as the command lines call it) unless the sampler options are usable.
+    Given the network's range, return the (sigma_min, sigma_max) that the sampler uses: clamped to that range,
+    finite, positive and increasing; else None."""
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f'--steps (num_steps) must be an integer from 1 to {MAX_STEPS}, got {num_steps!r}')
+    _check_finite('rho', rho)
+    if rho <= 0:
+        raise ValueError(f'--rho must be positive, got {rho:g}')
+    _check_finite('S_churn', S_churn, low=0)
+    _check_finite('S_min', S_min)
+    _check_finite('S_noise', S_noise)
+    if math.isnan(S_max):
+        raise ValueError('--S_max must be a number (inf for no upper limit), got nan')
+    for name, value in (('sigma_min', sigma_min), ('sigma_max', sigma_max)):
+        if value is not None and not value > 0: # also NaN
+            raise ValueError(f'--{name} must be positive, got {value:g}')
+    if net_sigma_min is None or net_sigma_max is None:
+        return None
+
+    # The range the sampler uses: the discretization's default, then the network's limits.
+    default_min, default_max = default_sigma_range(discretization or 'edm')
+    sigma_min = max(default_min if sigma_min is None else sigma_min, net_sigma_min)
+    sigma_max = min(default_max if sigma_max is None else sigma_max, net_sigma_max)
+    for name, value in (('sigma_min', sigma_min), ('sigma_max', sigma_max)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f'--{name} is {value:g} within the network\'s noise levels '
+                             f'[{net_sigma_min:g}, {net_sigma_max:g}]; it must be finite and positive')
+    if not sigma_min < sigma_max:
+        raise ValueError(f'--sigma_min must be below --sigma_max, got {sigma_min:g} and {sigma_max:g} '
+                         f'within the network\'s noise levels [{net_sigma_min:g}, {net_sigma_max:g}]')
+    return sigma_min, sigma_max
+
+def num_evaluations(num_steps, solver='heun'):
+    """Network evaluations per image of either sampler: 2N - 1 with Heun's method (no correction on the last step), N with Euler's."""
+    return num_steps if solver == 'euler' else 2 * num_steps - 1
 
 def _check_num_steps(num_steps):
     if int(num_steps) != num_steps or num_steps < 1:
@@ -65,8 +140,12 @@ def edm_sampler(
     sigma_max = min(sigma_max, net.sigma_max)
 
     # Time step discretization (eq. 5, as edm_sigma_steps; a single step is at sigma_max); t_N = 0.
-    step_indices = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
-    t_steps = (sigma_max ** (1 / rho) + step_indices / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    fractions = torch.arange(num_steps, dtype=torch.float64, device=latents.device) / max(num_steps - 1, 1)
+    ratio = (sigma_min / sigma_max) ** (1 / rho)
+    if ratio >= 1e-8: # the reference's form
+        t_steps = (sigma_max ** (1 / rho) + fractions * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    else: # a small rho takes sigma^(1/rho) out of float64's range: the same steps with sigma_max factored out
+        t_steps = (sigma_max * ((1 - fractions) + fractions * ratio) ** rho).clamp(min=sigma_min)
     t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
 
     t_host = t_steps.tolist() # read back once, so that the churn window test never waits for the device
@@ -120,8 +199,8 @@ def ablation_sampler(
     S_noise         = 1,            # Noise inflation of the churn.
 ):
     """Generalised sampler of Section 3 of Karras et al. 2022 (Table 1: VP, VE, iDDPM and EDM choices).
-    To copy it, take _step_fractions, edm_sigma_steps, iddpm_sigma_table, vp_sigma, _check_num_steps and
-    _check_choice with it (numpy as np and torch only)."""
+    To copy it, take _step_fractions, edm_sigma_steps, iddpm_sigma_table, vp_sigma, default_sigma_range,
+    _check_num_steps and _check_choice with it (numpy as np and torch only)."""
     _check_num_steps(num_steps)
     _check_choice('solver', solver, ['euler', 'heun'])
     _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
@@ -130,12 +209,9 @@ def ablation_sampler(
     device = latents.device
 
     # Default noise level range of the discretization, then the network's range.
-    if sigma_min is None:
-        sigma_min = {'vp': vp_sigma(epsilon_s, beta_d=19.9, beta_min=0.1), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
-    if sigma_max is None:
-        sigma_max = {'vp': vp_sigma(1, beta_d=19.9, beta_min=0.1), 've': 100, 'iddpm': 81, 'edm': 80}[discretization]
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
+    default_min, default_max = default_sigma_range(discretization, epsilon_s)
+    sigma_min = max(default_min if sigma_min is None else sigma_min, net.sigma_min)
+    sigma_max = min(default_max if sigma_max is None else sigma_max, net.sigma_max)
 
     # VP betas refitted so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max.
     vp_beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
@@ -218,6 +294,13 @@ def ablation_sampler(
     return x_next
 
 #----------------------------------------------------------------------------
+
+MAX_SEEDS = 1 << 25 # 33,554,432 images per run
+
+def parse_seeds(s):
+    """Seeds from a list such as '1,2,5-10' (at most MAX_SEEDS of them); as in the reference, any integer,
+    taken modulo 2^32 by StackedRandomGenerator."""
+    return dnnlib.util.parse_int_list(s, max_len=MAX_SEEDS)
 
 class StackedRandomGenerator:
     """Per-seed random numbers: one torch.Generator per image, so an image depends only on its seed."""
