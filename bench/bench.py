@@ -30,31 +30,11 @@ import time
 
 import click
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-#----------------------------------------------------------------------------
-# Configurations (those of train.py for the published models).
-
-CONFIGS = {
-    'cifar10-ddpmpp': dict(res=32, ch=3, label_dim=10, sample_batch=256, train_batch=512, net=dict(
-        class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
-        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
-        model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)),
-    'imagenet-adm': dict(res=64, ch=3, label_dim=1000, sample_batch=64, train_batch=64, net=dict(
-        class_name='training.networks.EDMPrecond', model_type='DhariwalUNet', model_channels=192,
-        channel_mult=[1, 2, 3, 4], dropout=0.10)),
-    # --quick: small enough for a CPU smoke test.
-    'tiny-ddpmpp': dict(res=16, ch=3, label_dim=10, sample_batch=8, train_batch=8, net=dict(
-        class_name='training.networks.EDMPrecond', model_type='SongUNet', embedding_type='positional',
-        encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
-        model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9, dropout=0.13)),
-    'tiny-adm': dict(res=16, ch=3, label_dim=10, sample_batch=8, train_batch=8, net=dict(
-        class_name='training.networks.EDMPrecond', model_type='DhariwalUNet', model_channels=32,
-        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.10)),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))) # bench/, when imported from elsewhere
+from common import CONFIGS, ROOT, redraw_small_weights, write_profile # pylint: disable=wrong-import-position
 
 MODES = ['fp32', 'tf32', 'fp16', 'bf16', 'fast']
-FORMS = ['channel-sums', 'cat-stored'] # bench_block.py's variants, for --forms
+SLOW_OPS = ['paths', 'freeze'] # for --slow-ops
 
 #----------------------------------------------------------------------------
 # Worker: one measurement, in a fresh process, printed as one JSON line.
@@ -79,15 +59,7 @@ def _set_inductor_options(text):
                 continue
         setattr(config, key, value)
 
-def redraw_small_weights(module):
-    """Redraw the weights initialised near zero at unit gain, so that every layer shapes the output."""
-    import torch # pylint: disable=import-outside-toplevel
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.ndim > 1 and param.abs().max() < 1e-3:
-                param.normal_(0, param[0].numel() ** -0.5)
-
-def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, inductor='', slow_ops='', forms='', train_graphs=False, save_images=None, profile=None):
+def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None, inductor='', slow_ops='', train_graphs=False, save_images=None, profile=None):
     sys.path.insert(0, root)
     import torch
     import dnnlib
@@ -102,13 +74,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         _set_inductor_options(inductor)
     slow = [op for op in slow_ops.split(',') if op]
     freeze = 'freeze' not in slow # compiled sampling; training never freezes its weights
-    slow_paths = [op for op in slow if op != 'freeze'] # those of set_fast_paths
-    if forms and ours:
-        from training import networks
-        from bench_block import CATS, NORMS
-        for form in forms.split(','): # for the whole process: the network calls them by their module names
-            networks.group_norm_nhwc = NORMS.get(form, networks.group_norm_nhwc)
-            networks.cat_skip = CATS.get(form, networks.cat_skip)
+    fast_paths = 'paths' not in slow # training.networks.set_fast_paths
     torch.manual_seed(0)
 
     net_kwargs = dict(cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
@@ -137,8 +103,6 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
 
     result = dict(config=config_name, mode=mode, params=num_params, gflop=gflop, device=str(device),
                   device_name=torch.cuda.get_device_name(device) if is_cuda else 'cpu', torch=torch.__version__)
-    if forms and ours:
-        result['forms'] = forms
 
     if what == 'sample':
         try:
@@ -151,9 +115,9 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             # fast: fp16 on CUDA (bf16's speed with 3 more mantissa bits), bf16 elsewhere (CPUs emulate fp16).
             precision = {'fast': 'fp16' if is_cuda else 'bf16'}.get(mode, mode)
             sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'), freeze=freeze)
-            if slow_paths: # before the first call, which compiles
+            if not fast_paths: # before the first call, which compiles
                 from training import networks
-                networks.set_fast_paths(sampler_net.net, False, ops=slow_paths) # a compiled wrapper holds the modules too
+                networks.set_fast_paths(sampler_net.net, False) # a compiled wrapper holds the modules too
         else:
             if mode == 'tf32':
                 torch.backends.cuda.matmul.allow_tf32 = True
@@ -200,9 +164,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         net.train().requires_grad_(True)
         if fast:
             from training import networks
-            networks.set_fast_paths(net)
-            if slow_paths:
-                networks.set_fast_paths(net, False, ops=slow_paths)
+            networks.set_fast_paths(net, fast_paths)
         if mode == 'fast':
             net = net.to(memory_format=torch.channels_last)
         ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -264,25 +226,6 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
 
 #----------------------------------------------------------------------------
 
-def write_profile(fn, sync, device, path):
-    """Write the operations of one more run of `fn`, most device time first, as text tables:
-    by name, then by name and input shapes (which shows the tensors that copies move)."""
-    from torch.profiler import ProfilerActivity, profile # pylint: disable=import-outside-toplevel
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with profile(activities=activities, record_shapes=True) as prof:
-        fn()
-        sync()
-    def table(events, row_limit):
-        for sort_by in (['self_device_time_total', 'self_cuda_time_total'] if device.type == 'cuda' else []) + ['self_cpu_time_total']:
-            try:
-                return events.table(sort_by=sort_by, row_limit=row_limit, max_name_column_width=100)
-            except (AttributeError, KeyError, ValueError, TypeError):
-                continue
-        return ''
-    with open(path, 'w') as f:
-        f.write(table(prof.key_averages(), 60) + '\n')
-        f.write('\nBy input shapes:\n' + table(prof.key_averages(group_by_input_shape=True), 40) + '\n')
-
 def _run_worker(root, config, mode, device, what, opts, timeout, save_images=None, profile_dir=None):
     """One measurement in a subprocess; `opts` holds the worker's settings (steps, iters, batch, inductor, slow_ops, train_graphs)."""
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'--root={root}', f'--configs={config}',
@@ -321,8 +264,7 @@ def _fmt(value, spec):
 @click.option('--timeout', help='Seconds per measurement', metavar='INT', type=int, default=1800, show_default=True)
 @click.option('--batch', help='Batch size (default: the configuration\'s)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--inductor', help='torch._inductor.config settings for the fast mode, e.g. conv_1x1_as_mm=true', metavar='LIST', type=str, default='')
-@click.option('--slow-ops', help='Fast operations to leave off in our modes, for A/B measurements: those of set_fast_paths (attention,pool,norm,affine), and freeze (compiled sampling with the weights as inputs, not constants)', metavar='LIST', type=str, default='')
-@click.option('--forms', help='Other forms of operations in our fast sampling, for A/B measurements: bench_block.py\'s variants channel-sums and cat-stored', metavar='LIST', type=str, default='')
+@click.option('--slow-ops', help='Fast operations to leave off in our modes, for A/B measurements: paths (the fast layer forms of set_fast_paths), freeze (compiled sampling with the weights as inputs, not constants)', metavar='LIST', type=str, default='')
 @click.option('--train-graphs', help='Replay the compiled network of the fast training step as CUDA graphs (torch.compile mode reduce-overhead)', is_flag=True)
 @click.option('--profile-dir', help='Also profile one more run of each measurement; tables of operations go here', metavar='DIR', type=str, default=None)
 @click.option('--json', 'json_path', help='Also write the results here (rewritten after each measurement)', metavar='PATH', type=str, default=None)
@@ -331,7 +273,7 @@ def _fmt(value, spec):
 @click.option('--root', type=str, default=ROOT, hidden=True)
 @click.option('--save-images', type=str, default=None, hidden=True)
 @click.option('--profile', type=str, default=None, hidden=True)
-def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, slow_ops, forms, train_graphs, profile_dir, json_path, worker, worker_opts, root, save_images, profile):
+def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quick, timeout, batch, inductor, slow_ops, train_graphs, profile_dir, json_path, worker, worker_opts, root, save_images, profile):
     """Measure sampling and training speed; with --ref, print our/ref ratios.
 
     Sampled images are compared with this checkout's fp32 images of the same
@@ -360,17 +302,11 @@ def main(ref_root, configs, modes, what, device, steps, iters, peak_tflops, quic
     import numpy as np # pylint: disable=import-outside-toplevel
     sys.path.insert(0, ROOT) # the driver uses this checkout's helpers; the workers import theirs
     import dnnlib # pylint: disable=import-outside-toplevel
-    from training.networks import FAST_OPS # pylint: disable=import-outside-toplevel
     for op in filter(None, slow_ops.split(',')):
-        if op not in (*FAST_OPS, 'freeze'):
-            raise click.ClickException(f'--slow-ops: unknown operation {op!r} (valid: {", ".join(FAST_OPS)}, freeze)')
-    for form in filter(None, forms.split(',')):
-        if form not in FORMS:
-            raise click.ClickException(f'--forms: unknown form {form!r} (valid: {", ".join(FORMS)})')
-    if forms and what != 'sample':
-        raise click.ClickException('--forms: for sampling only (--what=sample); under autograd the forms differ')
+        if op not in SLOW_OPS:
+            raise click.ClickException(f'--slow-ops: unknown operation {op!r} (valid: {", ".join(SLOW_OPS)})')
     from psnr_dirs import psnr # pylint: disable=import-outside-toplevel
-    opts = dict(steps=steps, iters=iters, batch=batch, inductor=inductor, slow_ops=slow_ops, forms=forms, train_graphs=train_graphs)
+    opts = dict(steps=steps, iters=iters, batch=batch, inductor=inductor, slow_ops=slow_ops, train_graphs=train_graphs)
     roots = [('ours', ROOT)] + ([('ref', os.path.abspath(ref_root))] if ref_root else [])
     whats = ['sample', 'train'] if what == 'both' else [what]
     modes = sorted(modes, key=lambda m: m != 'fp32') # fp32 first: the other modes' images are compared with it

@@ -2,26 +2,20 @@
 # The GPU measurements, in priority order, each bounded in time; the log goes
 # to stdout; $OUT gets the merged JSON (results.json) and, packed after each
 # part into one file (artifacts.tgz), the tables of operations and generated code.
-#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [channelsums] [catstored] [nofreeze] [noaffine] [train] [graphs] [b512] [block] [blockbw] [ab] [cdt] [variants] [imagenet] [demo]
+#   OUT=/tmp/out bash bench/gpu_run.sh [warm] [sample] [nofreeze] [train] [graphs] [b512] [block] [blockbw] [ab] [cdt] [variants] [imagenet] [demo]
 # Parts:
-#   warm      compile the compiled measurements of the parts named after it (sample, channelsums, catstored, nofreeze, noaffine, train, graphs, b512,
+#   warm      compile the compiled measurements of the parts named after it (sample, nofreeze, train, graphs, b512,
 #             ab; not cdt or variants, whose tuning times kernels and must have the GPU alone) at once, in parallel processes, so that those parts load their kernels from
 #             the compiler cache (with a cold cache, compiling and profiling sample or train alone took
 #             over 180 s in run E)
 #   sample    CIFAR-10 DDPM++ sampling, batch 256: fp32 (the default) and fast, with tables of operations
-#   channelsums  fast sampling, batch 256, with the group statistics summed per channel first (--forms=channel-sums;
-#             bench_block.py's variant), against part sample
-#   catstored fast sampling, batch 256, with the decoders' concatenations laid out channels-last (--forms=cat-stored)
 #   nofreeze  fast sampling, batch 256, with the weights as inputs of the compiled network rather than constants
 #             (no freezing: their casts to fp16 run in every call), against part sample
-#   noaffine  fast sampling, batch 256, with one matrix product per block's affine layer rather than one for
-#             all blocks (--slow-ops=affine), against part sample
 #   train     CIFAR-10 DDPM++ training, batch 512: fast and tf32, with tables of operations
 #   graphs    CIFAR-10 DDPM++ training, batch 512, fast with the compiled network replayed as CUDA graphs
-#   block     two 32x32 decoder blocks alone, in variants (bench_block.py), with their generated code and kernels
-#   blockbw   the same blocks' training step (forward + backward): GroupNormNHWC's backward against autograd's (welford)
-#   ab        the fast modes with the in-place group statistics off (--slow-ops=norm; also GroupNormNHWC and
-#             the combined bias term of norm1's input), against the rows above
+#   block     two 32x32 decoder blocks alone (bench_block.py), with their generated code and kernels
+#   blockbw   the same blocks' training step (forward + backward)
+#   ab        the fast modes with the fast layer forms off (--slow-ops=paths), against the rows above
 #   b512      fast sampling at batch 512
 #   cdt       coordinate-descent tuning of the kernels for sampling (block sizes and warps of each Triton kernel)
 #   variants  coordinate-descent tuning of the kernels for sampling and training
@@ -71,30 +65,24 @@ for part in "$@"; do
         for later in "$@"; do
             case $later in
             sample)   compile_only s256 --what=sample ;;
-            channelsums) compile_only s256-channel-sums --what=sample --forms=channel-sums ;;
-            catstored) compile_only s256-cat-stored --what=sample --forms=cat-stored ;;
             nofreeze) compile_only s256-nofreeze --what=sample --slow-ops=freeze ;;
-            noaffine) compile_only s256-noaffine --what=sample --slow-ops=affine ;;
             train)    compile_only t --what=train ;;
             graphs)   compile_only t-graphs --what=train --train-graphs ;;
             b512)     compile_only s512 --what=sample --batch=512 ;;
-            ab)       compile_only s256-norm --what=sample --slow-ops=norm; compile_only t-norm --what=train --slow-ops=norm ;;
+            ab)       compile_only s256-paths --what=sample --slow-ops=paths; compile_only t-paths --what=train --slow-ops=paths ;;
             esac
         done
         wait
         echo "warm: $((SECONDS - start)) s"
         tail -n 3 /tmp/warm-*.log ;;
     sample)   measure sample-256 300 $C --what=sample --modes=fp32,fast --profile-dir="$WORK" ;;
-    channelsums) measure sample-256-channel-sums 300 $C --what=sample --modes=fast --forms=channel-sums ;;
-    catstored) measure sample-256-cat-stored 300 $C --what=sample --modes=fast --forms=cat-stored ;;
     nofreeze) measure sample-256-no-freeze 300 $C --what=sample --modes=fast --slow-ops=freeze ;;
-    noaffine) measure sample-256-no-affine 300 $C --what=sample --modes=fast --slow-ops=affine ;;
     train)    measure train-512 300 $C --what=train --modes=fast,tf32 --iters=5 --profile-dir="$WORK" ;;
     graphs)   measure train-512-graphs 300 $C --what=train --modes=fast --iters=5 --train-graphs --profile-dir="$WORK/graphs" ;;
     block)    echo "== block"; timeout 240 $PY bench/bench_block.py --code-dir="$WORK/block" ;;
-    blockbw)  echo "== blockbw"; timeout 240 $PY bench/bench_block.py --backward --batch=512 --variants=base,welford --code-dir="$WORK/blockbw" ;;
-    ab)       measure train-512-no-norm 120 $C --what=train --modes=fast --iters=5 --slow-ops=norm
-              measure sample-256-no-norm 120 $C --what=sample --modes=fast --slow-ops=norm ;;
+    blockbw)  echo "== blockbw"; timeout 240 $PY bench/bench_block.py --backward --batch=512 --code-dir="$WORK/blockbw" ;;
+    ab)       measure train-512-no-paths 120 $C --what=train --modes=fast --iters=5 --slow-ops=paths
+              measure sample-256-no-paths 120 $C --what=sample --modes=fast --slow-ops=paths ;;
     b512)     measure sample-512 120 $C --what=sample --modes=fast --batch=512 ;;
     cdt)      measure sample-256-cdt 420 $C --what=sample --modes=fast $CDT --profile-dir="$WORK/cdt" ;;
     variants) measure sample-256-cdt 200 $C --what=sample --modes=fast $CDT

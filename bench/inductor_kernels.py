@@ -37,7 +37,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import CONFIGS # pylint: disable=wrong-import-position
+from common import CONFIGS # pylint: disable=wrong-import-position
 import dnnlib # pylint: disable=wrong-import-position
 
 #----------------------------------------------------------------------------

@@ -4,8 +4,11 @@ DDPM++ and NCSN++ (SongUNet), ADM (DhariwalUNet), and the VP, VE, iDDPM and
 EDM preconditioners that wrap them.
 
 The source of this module travels inside network pickles and is executed by
-whoever loads them, so it imports only the standard library, numpy, torch and
-torch_utils (persistence, misc.constant)."""
+whoever loads them (the reference release too), so it imports only the standard
+library, numpy, torch and torch_utils.persistence. The layers' fast forms, for torch.compile
+and reduced precision, live in training/fast_layers.py: each layer's forward
+is the faithful formula, with one dispatch line to its fast form, taken only
+when set_fast_paths has switched it on."""
 
 import contextlib
 
@@ -61,7 +64,7 @@ class Linear(torch.nn.Module):
 
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
-    pool_resample = False # Resample the [1,1] box filter by average pooling / nearest upsampling (see set_fast_paths).
+    fast_paths = False # Take the fast form: pooling for the [1,1] filter (see set_fast_paths).
 
     def __init__(self,
         in_channels,                    # Number of input channels.
@@ -91,64 +94,39 @@ class Conv2d(torch.nn.Module):
         f = torch.outer(f, f).unsqueeze(0).unsqueeze(1) / f.sum().square() # outer(f, f) / sum(f)^2 as [1, 1, len, len]
         self.register_buffer('resample_filter', f if up or down else None)
 
-    def forward(self, x, add=None, add_has_bias=False):
-        """The convolution of `x`; `add`, a tensor broadcast to the output, is added to it together
-        with the bias, as one per-channel term (for the compiler: see UNetBlock.forward), or in its place
-        with add_has_bias (the caller has added the bias to it)."""
+    def forward(self, x):
+        if self.fast_paths: return _fast_layers().conv2d(self, x)
         w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None and not (add is not None and add_has_bias) else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-        c_in = self.in_channels
-        c_out = self.out_channels
+        in_channels = self.in_channels
+        out_channels = self.out_channels
 
         if self.fused_resample and self.up and w is not None:
-            x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=max(f_pad - w_pad, 0))
+            x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([in_channels, 1, 1, 1]), groups=in_channels, stride=2, padding=max(f_pad - w_pad, 0))
             x = torch.nn.functional.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad)
-            x = torch.nn.functional.conv2d(x, f.tile([c_out, 1, 1, 1]), groups=c_out, stride=2)
-        elif self.pool_resample: # the same values as the depthwise convolutions below with the [1,1] filter
-            if self.up:
-                x = upsample_nearest2x(x)
-            if self.down:
-                x = torch.nn.functional.avg_pool2d(x, 2)
-            if w is not None:
-                x = torch.nn.functional.conv2d(x, w, padding=w_pad)
+            x = torch.nn.functional.conv2d(x, f.tile([out_channels, 1, 1, 1]), groups=out_channels, stride=2)
         else:
             if self.up:
-                x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=f_pad)
+                x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([in_channels, 1, 1, 1]), groups=in_channels, stride=2, padding=f_pad)
             if self.down:
-                x = torch.nn.functional.conv2d(x, f.tile([c_in, 1, 1, 1]), groups=c_in, stride=2, padding=f_pad)
+                x = torch.nn.functional.conv2d(x, f.tile([in_channels, 1, 1, 1]), groups=in_channels, stride=2, padding=f_pad)
             if w is not None:
                 x = torch.nn.functional.conv2d(x, w, padding=w_pad)
-        if add is not None and b is not None:
-            x = x.add_(_stored(b.reshape(1, -1, 1, 1) + add.to(x.dtype)))
-        elif add is not None: # one tensor already (a view, maybe: as_strided of a view is not for the compiler)
-            x = x.add_(add.to(x.dtype))
-        elif b is not None:
+        if b is not None:
             x = x.add_(b.reshape(1, -1, 1, 1))
         return x
-
-def upsample_nearest2x(x):
-    """Nearest-neighbour upsampling by 2. Under autograd, as a broadcast of each pixel to its 2x2 block,
-    whose gradient is a sum over the block: compiled, interpolate's gradient is a scatter with atomic
-    additions into a zero-filled NCHW buffer. In inference interpolate fuses with its producer."""
-    if not x.requires_grad:
-        return torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
-    N, C, H, W = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        x = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(N, H, 2, W, 2, C)
-        return x.reshape(N, 2 * H, 2 * W, C).permute(0, 3, 1, 2)
-    return x[:, :, :, None, :, None].expand(N, C, H, 2, W, 2).reshape(N, C, 2 * H, 2 * W)
 
 #----------------------------------------------------------------------------
 # Group normalisation with a cap on the number of groups.
 
 @persistence.persistent_class
 class GroupNorm(torch.nn.Module):
-    channels_last_stats = False # Channels-last inputs: statistics over NHWC groups (see set_fast_paths).
+    fast_paths = False # Take the fast form (see set_fast_paths).
 
     def __init__(self,
         num_channels,                   # Number of channels.
@@ -163,107 +141,8 @@ class GroupNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        if self.channels_last_stats and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
+        if self.fast_paths: return _fast_layers().group_norm(self, x)
         return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
-
-# Both chosen once, at import: dynamo in torch 2.1 cannot trace a try/except around the older calls.
-try:
-    torch.is_autocast_enabled('cpu')
-    _autocast_enabled = torch.is_autocast_enabled
-except TypeError: # torch < 2.4: no device argument
-    def _autocast_enabled(device_type):
-        return torch.is_autocast_enabled() if device_type == 'cuda' else torch.is_autocast_cpu_enabled()
-
-_is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling # pylint: disable=protected-access # torch < 2.3
-
-def _stored(t):
-    """`t` itself; under torch.compile, stored once in memory in its own layout rather than recomputed
-    in each consumer, or laid out as the compiler pleases (inductor fixes the input of as_strided to
-    the strides it has in eager mode). Not for a view into a larger tensor: compiled by PyTorch
-    2.1.2, 2.5.1 and 2.11, as_strided of such a view read its storage from the start."""
-    return torch.as_strided(t, t.shape, t.stride()) if _is_compiling() else t
-
-def _keep_layout(t):
-    """_stored(t) for inference; under autograd `t` is left alone, since the backward of as_strided
-    would add a zero-filled copy of its gradient (and training graphs keep channels-last without it)."""
-    return t if t.requires_grad else _stored(t)
-
-def cat_skip(x, skip):
-    """torch.cat([x, skip], dim=1) for the decoders. Compiled, the concatenation keeps the inputs'
-    channels-last layout: inductor lays it out channels-last only if one input already has a fixed
-    channels-last layout, and otherwise writes it NCHW and transposes it back for the convolutions."""
-    return torch.cat([_keep_layout(x), _keep_layout(skip)], dim=1)
-
-def _groups(t, G):
-    """[N, H*W, G, C/G] view of a channels-last [N, C, H, W] tensor."""
-    N, C, H, W = t.shape
-    return t.permute(0, 2, 3, 1).reshape(N, H * W, G, C // G)
-
-def _ungroup(t, shape):
-    """Inverse of _groups: [N, C, H, W] in channels-last layout."""
-    N, C, H, W = shape
-    return t.reshape(N, H, W, C).permute(0, 3, 1, 2)
-
-def _at_least_float32(dtype):
-    """torch.promote_types(dtype, torch.float32), in a form dynamo traces in torch 2.1 too."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-def _normalize(x, G, weight, bias, eps):
-    """(y, mean, rstd) of group_norm_nhwc: y at least float32, mean and rstd [N, 1, G, 1]."""
-    dtype = _at_least_float32(x.dtype)
-    xg = _groups(x.to(dtype), G)
-    origin = xg[:, :1, :, :1] # the statistics do not depend on it
-    mean = xg.mean(dim=(1, 3), keepdim=True)
-    # x - origin has one use only: with two, inductor may store it whole (in float32) before reducing.
-    var = ((xg - origin).square().mean(dim=(1, 3), keepdim=True) - (mean - origin).square()).clamp(min=0)
-    rstd = torch.rsqrt(var + eps)
-    scale = _stored(rstd * weight.to(dtype).reshape(G, -1))
-    shift = _stored(bias.to(dtype).reshape(G, -1) - mean * scale)
-    return _ungroup(xg * scale + shift, x.shape), mean, rstd
-
-class GroupNormNHWC(torch.autograd.Function):
-    """group_norm_nhwc under autograd, with a backward written for the compiler: the gradient's sums are
-    taken per image and channel over the pixels (one reduction pass for the weight, bias and group sums),
-    then the input's gradient in one pointwise pass. Autograd's own backward of the same forward takes
-    three reduction passes over the activations and recomputes the group means in a fourth."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, G, eps):
-        y, mean, rstd = _normalize(x, G, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.G = G
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        G = ctx.G
-        dtype = _at_least_float32(x.dtype)
-        xhat = (_groups(x.to(dtype), G) - mean) * rstd
-        dyg = _groups(dy.to(dtype), G)
-        w = weight.to(dtype).reshape(G, -1)
-        # Sums over the pixels of dy and dy * xhat, [N, 2, G, C/G]; with dxhat = dy * w, their means per group.
-        sums = torch.cat([dyg.sum(dim=1, keepdim=True), (dyg * xhat).sum(dim=1, keepdim=True)], dim=1)
-        means = (sums * w).sum(dim=3, keepdim=True) / (dyg.shape[1] * dyg.shape[3])
-        dx = _ungroup(rstd * (dyg * w - means[:, :1] - xhat * means[:, 1:]), x.shape).to(x.dtype)
-        dbias, dweight = sums.sum(dim=0).reshape(2, -1).to(weight.dtype).unbind(0)
-        return dx, dweight, dbias, None, None
-
-def group_norm_nhwc(x, num_groups, weight, bias, eps):
-    """group_norm of a channels-last tensor, with its groups viewed in place rather than copied to NCHW
-    (the copy compiled group_norm makes); at least float32 arithmetic, and float32 output under autocast.
-
-    Made for torch.compile. The two passes over x are kernels limited by their per-element instructions,
-    so the statistics are plain sums (no per-element division, as Welford's update has), the variance
-    taken about one value of each group (so that E[d^2] - E[d]^2 does not cancel), and the normalisation
-    is one multiply-add per element with a scale and shift stored per image and channel. Under autograd
-    the backward is GroupNormNHWC's (autograd's own, of this form, is much heavier)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        y = GroupNormNHWC.apply(x, weight, bias, num_groups, eps)
-    else:
-        y = _normalize(x, num_groups, weight, bias, eps)[0]
-    return y if _autocast_enabled(x.device.type) else y.to(x.dtype)
 
 #----------------------------------------------------------------------------
 # Attention weights softmax(q . k / sqrt(c)), computed in float32 in both the
@@ -271,7 +150,7 @@ def group_norm_nhwc(x, num_groups, weight, bias, eps):
 # off), returned in the dtype of q; the backward pass starts from the weights
 # as returned, as the reference's does.
 
-def _autocast_off(device):
+def autocast_off(device):
     """Context that disables autocast on the given device (no-op where unsupported)."""
     try:
         return torch.autocast(device_type=device.type, enabled=False)
@@ -281,7 +160,7 @@ def _autocast_off(device):
 class AttentionOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
-        with _autocast_off(q.device):
+        with autocast_off(q.device):
             w = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32)).softmax(dim=2).to(q.dtype)
         ctx.save_for_backward(q, k, w) # in q's dtype, as the reference: its float16 gradients
         return w
@@ -289,39 +168,12 @@ class AttentionOp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dw):
         q, k, w = ctx.saved_tensors
-        with _autocast_off(q.device):
+        with autocast_off(q.device):
             dw, w = dw.to(torch.float32), w.to(torch.float32)
             db = w * (dw - (dw * w).sum(dim=2, keepdim=True)) # Softmax backward.
             dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), db).to(q.dtype) / np.sqrt(k.shape[1])
             dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), db).to(k.dtype) / np.sqrt(k.shape[1])
         return dq, dk
-
-def attention(q, k, v, use_sdpa=False):
-    """Multi-head attention on [N*heads, C, L] tensors; returns a[n, c, i]."""
-    if use_sdpa:
-        # [N*heads, 1, L, C] with contiguous channels, as the fused kernels need (otherwise SDPA runs float32 math).
-        q, k, v = [t.transpose(1, 2).unsqueeze(1).contiguous() for t in (q, k, v.to(q.dtype))]
-        with _autocast_off(q.device):
-            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return a.squeeze(1).transpose(1, 2)
-    w = AttentionOp.apply(q, k)
-    return torch.einsum('nqk,nck->ncq', w, v)
-
-def attention_heads(qkv, num_heads, use_sdpa=False):
-    """Self-attention of each head of `qkv` [N, 3*C, H, W], whose channels are ordered (head, channel
-    within head, q|k|v); returns [N, C, H, W] with channels ordered (head, channel)."""
-    N, C, H, W = qkv.shape[0], qkv.shape[1] // 3, qkv.shape[2], qkv.shape[3]
-    if not (use_sdpa and qkv.is_contiguous(memory_format=torch.channels_last)):
-        q, k, v = qkv.reshape(N * num_heads, C // num_heads, 3, H * W).unbind(2)
-        return attention(q, k, v, use_sdpa=use_sdpa).reshape(N, C, H, W)
-    # Pixel-major [N, L, heads, C/heads] tensors, a view of channels-last qkv: the gradients then
-    # assemble into qkv's own layout (not NCHW and transposed for its convolution), and the output is
-    # a channels-last view. SDPA takes them as [N, heads, L, C/heads] with contiguous channels.
-    heads = qkv.permute(0, 2, 3, 1).reshape(N, H * W, num_heads, C // num_heads, 3)
-    q, k, v = [t.contiguous().transpose(1, 2) for t in heads.unbind(4)]
-    with _autocast_off(q.device):
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    return a.transpose(1, 2).reshape(N, H, W, C).permute(0, 3, 1, 2)
 
 #----------------------------------------------------------------------------
 # U-Net block: residual block with optional up/down-sampling and
@@ -329,7 +181,7 @@ def attention_heads(qkv, num_heads, use_sdpa=False):
 
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
-    use_sdpa = False # Compute attention with scaled_dot_product_attention (see set_attention_impl).
+    fast_paths = False # Take the fast form (see set_fast_paths).
 
     def __init__(self,
         in_channels,                    # Number of input channels.
@@ -375,91 +227,56 @@ class UNetBlock(torch.nn.Module):
             self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels*3, kernel=1, **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
-    def folds_conv0_bias(self):
-        """Whether conv0's bias is added together with the embedding's shift (see forward)."""
-        return not self.adaptive_scale and self.norm1.channels_last_stats
-
-    def forward(self, x, emb, params=None):
-        """`params`: affine(emb) when the caller has computed it (see merged_affine), then with
-        conv0's bias added where folds_conv0_bias()."""
+    def forward(self, x, emb):
+        if self.fast_paths: return _fast_layers().unet_block(self, x, emb)
         orig = x
-        if self.folds_conv0_bias():
-            # conv0's bias and the embedding's shift added as one stored term: compiled, norm1's input then
-            # reads two buffers rather than four, few enough for inductor to recompute it in the backward
-            # kernels instead of storing the normalised values and the output in float32.
-            shift = (self.affine(emb) if params is None else params).unsqueeze(2).unsqueeze(3)
-            x = silu(self.norm1(self.conv0(silu(self.norm0(x)), add=shift, add_has_bias=(params is not None))))
+        x = self.conv0(silu(self.norm0(x)))
+
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(chunks=2, dim=1)
+            x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = self.conv0(silu(self.norm0(x)))
-            params = (self.affine(emb) if params is None else params).unsqueeze(2).unsqueeze(3).to(x.dtype)
-            if self.adaptive_scale:
-                scale, shift = params.chunk(chunks=2, dim=1)
-                x = silu(torch.addcmul(shift, self.norm1(x), scale + 1))
-            else:
-                x = silu(self.norm1(x.add_(params)))
+            x = silu(self.norm1(x.add_(params)))
 
         x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         x = x * self.skip_scale
 
         if self.num_heads:
-            x = self.proj(attention_heads(self.qkv(self.norm2(x)), self.num_heads, use_sdpa=self.use_sdpa)).add_(x)
+            q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0] * self.num_heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
+            w = AttentionOp.apply(q, k)
+            a = torch.einsum('nqk,nck->ncq', w, v)
+            x = self.proj(a.reshape(*x.shape)).add_(x)
             x = x * self.skip_scale
-        return _keep_layout(x) # compiled: in the layout of the convolutions, which it feeds
+        return x
 
-def set_attention_impl(net, impl):
-    """Choose the attention implementation of every UNetBlock in `net`:
-    'reference' (float32 softmax, the default) or 'sdpa'
-    (torch.nn.functional.scaled_dot_product_attention). Returns the number of
-    blocks changed."""
-    if impl not in ('reference', 'sdpa'):
-        raise ValueError(f'invalid attention impl {impl!r}: expected reference or sdpa')
+#----------------------------------------------------------------------------
+# Fast paths: the fast forms of training/fast_layers.py in place of the
+# faithful ones, for torch.compile and reduced precision.
+
+_FAST_CLASSES = ('Conv2d', 'GroupNorm', 'UNetBlock', 'SongUNet', 'DhariwalUNet')
+
+def _fast_layers():
+    """The module of the fast forms, imported when a fast path is first taken."""
+    from training import fast_layers # pylint: disable=import-outside-toplevel
+    return fast_layers
+
+def set_fast_paths(net, enabled=True):
+    """Switch the layers of `net` (or a layer) between their faithful forms and their fast forms
+    (training/fast_layers.py), which compute the same function to float32
+    rounding: scaled_dot_product_attention, average pooling and nearest
+    upsampling for the [1,1] resampling filter, group statistics taken in
+    place on channels-last tensors, the blocks' affine layers as one matrix
+    product of the embedding, and layouts fixed for torch.compile. Returns
+    the number of modules switched."""
+    fast_layers = _fast_layers() if enabled else None # fails here rather than in a forward where the module is missing
     count = 0
     for module in net.modules():
-        if hasattr(module, 'use_sdpa') and type(module).__name__ == 'UNetBlock':
-            module.use_sdpa = (impl == 'sdpa')
-            count += 1
-    return count
-
-def merged_affine(blocks, emb):
-    """[block.affine(emb) for block in blocks] as one matrix product, with conv0's bias added for the
-    blocks that fold it (UNetBlock.folds_conv0_bias): one GEMM of the embedding in place of one per
-    block, and one bias addition in place of one per block. Compiled with frozen weights, the
-    concatenated weights and biases are constants."""
-    weight = torch.cat([block.affine.weight for block in blocks])
-    bias = torch.cat([block.affine.bias + block.conv0.bias if block.folds_conv0_bias() else block.affine.bias for block in blocks])
-    params = torch.addmm(bias.to(emb.dtype), emb, weight.to(emb.dtype).t())
-    return params.split([block.affine.out_features for block in blocks], dim=1)
-
-FAST_OPS = ('attention', 'pool', 'norm', 'affine') # The operations set_fast_paths switches.
-
-def set_fast_paths(net, enabled=True, ops=FAST_OPS):
-    """Switch the blocks of `net` between the faithful operations and the
-    fast ones, which compute the same function: SDPA attention ('attention'),
-    average pooling / nearest upsampling for the [1,1] resampling filter in
-    place of depthwise (transposed) convolutions ('pool'), and group
-    statistics taken in place on channels-last inputs ('norm'; with it, the
-    blocks without adaptive scale add conv0's bias and the embedding's shift
-    as one term), and the blocks' affine layers as one matrix product of the
-    embedding ('affine', see merged_affine). `ops` limits the switch to some
-    of them. Returns the number of modules changed."""
-    unknown = set(ops) - set(FAST_OPS)
-    if unknown:
-        raise ValueError(f'unknown fast operations {sorted(unknown)}: expected some of {", ".join(FAST_OPS)}')
-    count = set_attention_impl(net, 'sdpa' if enabled else 'reference') if 'attention' in ops else 0
-    box = torch.full([1, 1, 2, 2], 0.25)
-    for module in net.modules():
-        if 'norm' in ops and type(module).__name__ == 'GroupNorm' and hasattr(module, 'channels_last_stats'):
-            module.channels_last_stats = bool(enabled)
-            count += 1
-        if 'pool' in ops and type(module).__name__ == 'Conv2d' and hasattr(module, 'pool_resample'):
-            f = module.resample_filter
-            is_box = f is not None and f.shape == box.shape and torch.equal(f.detach().cpu().float(), box)
-            module.pool_resample = bool(enabled and is_box and not module.fused_resample)
-            count += int(module.pool_resample)
-        if 'affine' in ops and type(module).__name__ in _MODEL_TYPES and hasattr(module, 'merge_affine'):
-            module.merge_affine = bool(enabled)
-            count += 1
+        if type(module).__name__ in _FAST_CLASSES and hasattr(module, 'fast_paths'):
+            # Convolutions have a fast form only where they resample with the [1,1] filter (decided here, not in the graph).
+            module.fast_paths = bool(enabled and (type(module).__name__ != 'Conv2d' or fast_layers.pools(module)))
+            count += int(module.fast_paths)
     return count
 
 #----------------------------------------------------------------------------
@@ -506,12 +323,6 @@ def _class_embedding_input(class_labels, label_dropout, training, batch_size):
         class_labels = class_labels * keep.to(class_labels.dtype)
     return class_labels
 
-def _block_params(unet, emb):
-    """An iterator over the params argument of each UNetBlock of `unet`, in the order of its encoder
-    and decoder: their affine layers merged (see merged_affine) where unet.merge_affine, else None."""
-    blocks = [block for block in [*unet.enc.values(), *unet.dec.values()] if isinstance(block, UNetBlock)]
-    return iter(merged_affine(blocks, emb) if unet.merge_affine else [None] * len(blocks))
-
 def add_embedding(emb, term):
     """emb + term for the mapping networks' sums, with term cast to emb's dtype first: the value type
     promotion gives (emb is float32, or both are in the autocast dtype). Compiled by inductor in
@@ -524,7 +335,7 @@ def add_embedding(emb, term):
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
-    merge_affine = False # The blocks' affine layers as one matrix product (see set_fast_paths).
+    fast_paths = False # Take the fast form of the blocks (see set_fast_paths).
 
     def __init__(self,
         img_resolution,                 # Image resolution.
@@ -629,7 +440,7 @@ class SongUNet(torch.nn.Module):
             emb = add_embedding(emb, self.map_augment(augment_labels))
         emb = silu(self.map_layer0(emb))
         emb = silu(self.map_layer1(emb))
-        params = _block_params(self, emb)
+        if self.fast_paths: return _fast_layers().unet_blocks(self, x, emb)
 
         # Encoder.
         skips = []
@@ -642,7 +453,7 @@ class SongUNet(torch.nn.Module):
             elif name.endswith('_aux_residual'):
                 x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
             else:
-                x = block(x, emb, next(params)) if isinstance(block, UNetBlock) else block(x)
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
         # Decoder.
@@ -658,8 +469,8 @@ class SongUNet(torch.nn.Module):
                 aux = tmp if aux is None else tmp + aux
             else:
                 if x.shape[1] != block.in_channels:
-                    x = cat_skip(x, skips.pop())
-                x = block(x, emb, next(params))
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
         return aux
 
 #----------------------------------------------------------------------------
@@ -668,7 +479,7 @@ class SongUNet(torch.nn.Module):
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
-    merge_affine = False # The blocks' affine layers as one matrix product (see set_fast_paths).
+    fast_paths = False # Take the fast form of the blocks (see set_fast_paths).
 
     def __init__(self,
         img_resolution,                 # Image resolution.
@@ -743,19 +554,19 @@ class DhariwalUNet(torch.nn.Module):
             tmp = _class_embedding_input(class_labels, self.label_dropout, self.training, noise_labels.shape[0])
             emb = add_embedding(emb, self.map_label(tmp))
         emb = silu(emb)
-        params = _block_params(self, emb)
+        if self.fast_paths: return _fast_layers().unet_blocks(self, x, emb)
 
         # Encoder.
         skips = []
         for block in self.enc.values():
-            x = block(x, emb, next(params)) if isinstance(block, UNetBlock) else block(x)
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
 
         # Decoder.
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
-                x = cat_skip(x, skips.pop())
-            x = block(x, emb, next(params))
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
         x = self.out_conv(silu(self.out_norm(x)))
         return x
 
