@@ -314,7 +314,7 @@ def test_failure_on_one_rank_stops_every_rank_cleanly(pkls, tmp_path):
                        nproc=2, check=False)
     assert res.returncode != 0 and f'File "{ROOT}' not in res.stderr, res.stderr
     errors = sorted(re.findall(r'(?<![A-Za-z])Error: [^\r\n]*', res.stderr)) # a progress bar may precede one on its line
-    assert errors == ['Error: another process of this run stopped, so rank 0 stops too; its error says why',
+    assert errors == ['Error: another process of this run stopped, so rank 0 stops too; its own error, if it printed one, says why',
                       f'Error: cannot write {tmp_path / "000001.png"}: Is a directory'], res.stderr
 
 def test_example_names_unreachable_url(tmp_path):

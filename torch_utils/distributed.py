@@ -115,7 +115,7 @@ def peer_error_message(err):
     timed_out = 'timed out' in str(err).lower() or 'timeout' in str(err).lower()
     if timed_out:
         return f'rank {get_rank()} had no answer from another process of this run within {collective_timeout():g} s ({TIMEOUT_ENV})'
-    return f'another process of this run stopped, so rank {get_rank()} stops too; its error says why'
+    return f'another process of this run stopped, so rank {get_rank()} stops too; its own error, if it printed one, says why'
 
 def _collective(op, *args):
     try:
