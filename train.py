@@ -5,6 +5,8 @@ import json
 import os
 import random
 import re
+import shlex
+import sys
 
 import click
 import torch
@@ -231,6 +233,126 @@ def random_seed(device):
     return int(seed)
 
 #----------------------------------------------------------------------------
+# Resuming a run in its own folder: --resume=<run folder>|latest, or the same command again.
+
+# Options of the command line => the entries of training_options.json they set. When resuming, an option given
+# with another value than the run's is an error; --duration may change (a longer or shorter run).
+OPTION_KEYS = {
+    'data': ['dataset_kwargs.path'], 'cond': ['dataset_kwargs.use_labels'], 'xflip': ['dataset_kwargs.xflip'],
+    'cache': ['dataset_kwargs.cache'], 'workers': ['data_loader_kwargs.num_workers'],
+    'arch': [f'network_kwargs.{key}' for key in ('model_type', 'embedding_type', 'encoder_type', 'decoder_type', 'channel_mult_noise', 'resample_filter')],
+    'precond': ['network_kwargs.class_name', 'loss_kwargs.class_name'],
+    'batch': ['batch_size'], 'batch_gpu': ['batch_gpu'], 'cbase': ['network_kwargs.model_channels'], 'cres': ['network_kwargs.channel_mult'],
+    'lr': ['optimizer_kwargs.lr'], 'lr_rampup': ['lr_rampup_kimg'], 'ema': ['ema_halflife_kimg'],
+    'phema': ['phema_kwargs.stds'], 'phema_snap': ['phema_kwargs.snapshot_kimg'], 'dropout': ['network_kwargs.dropout'],
+    'augment': ['augment_kwargs', 'network_kwargs.augment_dim'], 'fp16': ['network_kwargs.use_fp16'], 'ls': ['loss_scaling'],
+    'bench': ['cudnn_benchmark'], 'precision': ['precision'], 'compile': ['compile'], 'tick': ['kimg_per_tick'],
+    'snap': ['snapshot_ticks'], 'dump': ['state_dump_ticks'], 'seed': ['seed'],
+}
+RUN_SPECIFIC = ('run_dir', 'resume_pkl', 'resume_state_dump', 'resume_kimg', 'tensorboard') # not part of what a run trains
+
+def _lookup(config, dotted):
+    for key in dotted.split('.'):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+def _as_json(config):
+    return json.loads(json.dumps(config))
+
+def read_options(run_dir):
+    """The run's training_options.json as a dict, or None when it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(run_dir, 'training_options.json'), 'rt') as f:
+            options = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return options if isinstance(options, dict) else None
+
+def latest_state(run_dir):
+    """(path, kimg) of the run's newest training-state-NNNNNN.pt, or (None, None)."""
+    states = [(int(m.group(1)), name) for name in os.listdir(run_dir) for m in [STATE_DUMP_RE.fullmatch(name)] if m]
+    if not states:
+        return None, None
+    kimg, name = max(states)
+    return os.path.join(run_dir, name), kimg
+
+def run_folders(outdir):
+    """The numbered run folders in outdir, newest (highest id) first."""
+    if not os.path.isdir(outdir):
+        return []
+    folders = [(int(m.group()), name) for name in os.listdir(outdir) for m in [re.match(r'^\d+', name)] if m]
+    return [os.path.join(outdir, name) for _, name in sorted(folders, reverse=True) if holds_run(os.path.join(outdir, name))]
+
+def run_folder_to_resume(resume, outdir):
+    """The run folder named by --resume=<run folder> or --resume=latest (the newest run in --outdir)."""
+    if resume != 'latest':
+        if read_options(resume) is None:
+            raise ValueError(f'--resume: {resume} is not a run folder (it has no readable training_options.json)')
+        return resume
+    if outdir is None:
+        raise ValueError('--resume=latest needs --outdir (it continues the newest run there)')
+    for folder in run_folders(outdir):
+        if read_options(folder) is not None:
+            return folder
+    raise ValueError(f'--resume=latest: {outdir} holds no training run')
+
+def find_interrupted_run(outdir, c, nosubdir=False, same_seed=True):
+    """The newest run folder whose options equal config `c` (the seed too if same_seed) and which stopped before
+    total_kimg with a training state; None when there is none."""
+    ignored = RUN_SPECIFIC + (() if same_seed else ('seed',))
+    wanted = {k: v for k, v in _as_json(c).items() if k not in ignored}
+    for folder in ([outdir] if nosubdir else run_folders(outdir)):
+        recorded = read_options(folder) if os.path.isdir(folder) else None
+        if recorded is None or {k: v for k, v in recorded.items() if k not in ignored} != wanted:
+            continue
+        _, kimg = latest_state(folder)
+        if kimg is not None and kimg < recorded.get('total_kimg', 0):
+            return folder
+    return None
+
+def check_given_options(recorded, opts, given, world_size, device_type):
+    """Raise ValueError naming the first option given on the command line that differs from the resumed run's."""
+    if 'transfer' in given:
+        raise ValueError('--transfer and --resume cannot be used together')
+    names = [name for name in OPTION_KEYS if name in given]
+    if not names:
+        return
+    cmd = default_options(**{name: opts[name] for name in names})
+    cmd.data = opts.data if 'data' in given else _lookup(recorded, 'dataset_kwargs.path')
+    cmd.seed = opts.seed if 'seed' in given else recorded.get('seed')
+    c, _ = build_config(cmd, describe_dataset(dataset_kwargs_from_opts(cmd)), world_size=world_size, device_type=device_type)
+    c = _as_json(c)
+    for name in names:
+        for key in OPTION_KEYS[name]:
+            if _lookup(c, key) != _lookup(recorded, key):
+                flag = '--' + name.replace('_', '-')
+                raise ValueError(f'{flag}={opts[name]} conflicts with the resumed run, which has {key}={json.dumps(_lookup(recorded, key))}; '
+                                 f'leave {flag} out to continue it, or start a new run')
+
+def resume_config(run_dir, recorded, opts, given):
+    """The config that continues run_dir in place from its newest training state: its recorded options (--duration
+    and --tensorboard may change), with the state as resume_state_dump and the kimg it resumes from."""
+    state, kimg = latest_state(run_dir)
+    if state is None:
+        raise ValueError(f'--resume: {run_dir} holds no training-state-NNNNNN.pt to continue from')
+    c = dnnlib.EasyDict({k: v for k, v in recorded.items() if k not in RUN_SPECIFIC})
+    if 'duration' in given:
+        c.total_kimg = max(int(opts.duration * 1000), 1)
+    if opts.tensorboard or recorded.get('tensorboard'):
+        c.tensorboard = True
+    snapshot = os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl')
+    if os.path.isfile(snapshot):
+        c.resume_pkl = snapshot
+    c.update(resume_state_dump=state, resume_kimg=kimg)
+    return c
+
+def continue_command(run_dir, opts):
+    """The command that continues a stopped run."""
+    launcher = 'python' if dist.get_world_size() == 1 else f'torchrun --standalone --nproc_per_node={dist.get_world_size()}'
+    device = f' --device={opts.device}' if opts.device is not None else ''
+    return f'{launcher} {shlex.quote(sys.argv[0])} --resume={shlex.quote(run_dir)}{device}'
+
+#----------------------------------------------------------------------------
 
 def parse_int_list(_ctx, _param, value):
     if value is None:
@@ -243,8 +365,8 @@ def parse_int_list(_ctx, _param, value):
 @click.command()
 
 # Main options.
-@click.option('--outdir',        help='Where to save the results', metavar='DIR',                   type=str, required=True)
-@click.option('--data',          help='Path to the dataset', metavar='ZIP|DIR',                     type=str, required=True)
+@click.option('--outdir',        help='Where to save the results  [required]', metavar='DIR',       type=str)
+@click.option('--data',          help='Path to the dataset  [required]', metavar='ZIP|DIR',         type=str)
 @click.option('--cond',          help='Train class-conditional model', metavar='BOOL',              type=bool, default=False, show_default=True)
 @click.option('--arch',          help='Network architecture', metavar='ddpmpp|ncsnpp|adm',          type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
 @click.option('--precond',       help='Preconditioning & loss function', metavar='vp|ve|edm',       type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
@@ -282,7 +404,8 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--phema-snap',    help='How often to save the --phema EMAs  [default: with snapshots]', metavar='KIMG', type=click.IntRange(min=1))
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT',              type=int)
 @click.option('--transfer',      help='Transfer learning from network pickle', metavar='PKL|URL',   type=str)
-@click.option('--resume',        help='Resume from previous training state', metavar='PT',          type=str)
+@click.option('--resume',        help='Resume from previous training state, or continue a run', metavar='PT|DIR|latest', type=str)
+@click.option('--tensorboard',   help='Also write the statistics as TensorBoard events',            is_flag=True)
 @click.option('--allow-code',    help='Load --transfer/--resume files that name code other than ours', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
 
@@ -298,12 +421,17 @@ def main(**kwargs):
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
 
     \b
-    # Continue a run exactly where it stopped
+    # Continue a stopped run exactly where it stopped, in its own folder
+    python train.py --resume=training-runs/00000-...      # or --resume=latest --outdir=training-runs
+    python train.py ...                                   # the same command again does the same
+
+    \b
+    # Start a new run from a training state (as the reference does)
     python train.py ... --resume=training-runs/00000-.../training-state-000100.pt
 
     SIGTERM or Ctrl-C ends a run cleanly: it finishes the current step,
-    writes a network snapshot and a training state, prints the --resume
-    option that continues it, and exits with status 0.
+    writes a network snapshot and a training state, prints the command
+    that continues it, and exits with status 0.
 
     \b
     # A small CPU run that finishes in minutes (README: the digits dataset)
@@ -312,10 +440,29 @@ def main(**kwargs):
         --duration=0.02 --tick=2 --snap=5 --dump=5 --lr-rampup=2
     """
     opts = dnnlib.EasyDict(kwargs)
+    ctx = click.get_current_context()
+    given = {name for name in kwargs if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     try:
         device = dist.init(opts.device)
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
+    if opts.tensorboard:
+        check_tensorboard()
+
+    # Continue a run in its own folder: --resume=<run folder>|latest.
+    resume_in_place = opts.resume is not None and (opts.resume == 'latest' or os.path.isdir(opts.resume))
+    if resume_in_place:
+        try:
+            run_dir = run_folder_to_resume(opts.resume, opts.outdir)
+            recorded = read_options(run_dir)
+            check_given_options(recorded, opts, given, dist.get_world_size(), device.type)
+            c = resume_config(run_dir, recorded, opts, given)
+        except (ValueError, IOError) as err:
+            raise click.ClickException(str(err)) from None
+        return continue_run(c, run_dir, opts, device)
+    for name in ('outdir', 'data'):
+        if opts[name] is None:
+            raise click.UsageError(f"Missing option '--{name}' (only --resume=<run folder> continues a run without it).")
 
     # Validate the options and the dataset.
     try:
@@ -330,13 +477,22 @@ def main(**kwargs):
         c, desc = build_config(opts, dataset, world_size=dist.get_world_size(), device_type=device.type)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
+    if opts.tensorboard:
+        c.tensorboard = True
 
     # Resuming a state that already reaches --duration trains nothing, in the run it came from.
     if c.get('resume_state_dump') is not None and c.resume_kimg >= c.total_kimg:
         if not opts.dry_run:
             c.run_dir = os.path.dirname(c.resume_state_dump) if dist.get_rank() == 0 else None
-            run_training(c, device, allow_code=opts.allow_code)
+            run_training(c, device, opts)
         return
+
+    # The same command again continues its interrupted run (the newest with these options; any seed unless --seed).
+    if opts.resume is None:
+        run_dir = find_interrupted_run(opts.outdir, c, opts.nosubdir, same_seed=('seed' in given))
+        if run_dir is not None:
+            dist.print0(f'Continuing the interrupted run {run_dir} (same options)')
+            return continue_run(resume_config(run_dir, read_options(run_dir), opts, given), run_dir, opts, device)
 
     # Pick output directory (created below).
     c.run_dir = pick_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None
@@ -382,16 +538,50 @@ def main(**kwargs):
 
     # Train.
     try:
-        run_training(c, device, allow_code=opts.allow_code)
+        run_training(c, device, opts)
     finally:
         if logger is not None:
             logger.close()
 
-def run_training(c, device, allow_code=False):
-    """training_loop(**c); its errors as one line (naming the rank under torchrun)."""
+def continue_run(c, run_dir, opts, device):
+    """Train `c` in its run folder, appending to log.txt and stats.jsonl; training_options.json records the
+    state it resumes from."""
+    c.run_dir = run_dir if dist.get_rank() == 0 else None
+    dist.print0()
+    dist.print0(f'Resuming {run_dir} from {c.resume_state_dump} ({c.resume_kimg} kimg of {c.total_kimg})')
+    if opts.dry_run:
+        dist.print0(json.dumps(c, indent=2))
+        dist.print0('Dry run; exiting.')
+        return
+    logger = None
+    if dist.get_rank() == 0:
+        try:
+            with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
+                json.dump(c, f, indent=2)
+            logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
+        except OSError as err:
+            raise click.ClickException(f'cannot write to the run folder {run_dir}: {err.strerror or err}') from None
+    try:
+        run_training(c, device, opts)
+    finally:
+        if logger is not None:
+            logger.close()
+
+def check_tensorboard():
+    """--tensorboard needs the tensorboard package: say so before any folder is created."""
+    try:
+        import torch.utils.tensorboard # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        raise click.ClickException('--tensorboard needs the tensorboard package (pip install tensorboard)') from None
+
+def run_training(c, device, opts=None):
+    """training_loop(**c); its errors as one line (naming the rank under torchrun). A stopped run prints the
+    command that continues it."""
     prefix = f'rank {dist.get_rank()}: ' if dist.get_world_size() > 1 else ''
     try:
-        training_loop.training_loop(**c, device=device, allow_code=allow_code)
+        result = training_loop.training_loop(**c, device=device, allow_code=bool(opts is not None and opts.get('allow_code')))
+        if result.stopped and opts is not None and dist.get_rank() == 0:
+            print(f'Continue with: {continue_command(c.run_dir, opts)}  (or rerun the same command)', flush=True)
         dist.barrier() # every rank done before the process group goes (gloo may abort a rank torn down mid-exchange)
         dist.finish()
     except dist.PeerError as err:

@@ -102,6 +102,7 @@ def test_run_writes_every_file(baseline, data):
     assert os.path.basename(run_dir) == '00000-tiny8-uncond-ddpmpp-edm-cpu-batch32-fp32'
     names = sorted(os.listdir(run_dir))
     assert names == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'network-snapshot-000002.pkl',
+                     'samples-000000.png', 'samples-000001.png', 'samples-000002.png',
                      'stats.jsonl', 'training-state-000001.pt', 'training-state-000002.pt', 'training_options.json']
 
     with open(os.path.join(run_dir, 'training_options.json')) as f:
@@ -263,8 +264,8 @@ def test_torchrun_two_processes(data, tmp_path):
                                   '--workers=0', '--snap=1'))
     (run_dir,) = run_dirs(tmp_path)
     assert os.path.basename(run_dir) == '00000-tiny8-uncond-ncsnpp-edm-cpu2-batch32-fp32'
-    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'stats.jsonl',
-                                           'training-state-000001.pt', 'training_options.json']
+    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'samples-000000.png',
+                                           'samples-000001.png', 'stats.jsonl', 'training-state-000001.pt', 'training_options.json']
     assert res.stdout.count('tick 1 ') == 1 # rank 0 prints
     with open(os.path.join(run_dir, 'stats.jsonl')) as f:
         stats = [json.loads(line) for line in f]

@@ -1,14 +1,19 @@
 """Main training loop: data, network, optimiser, EMA, ticks, snapshots,
-state dumps and exact resumption."""
+state dumps and exact resumption.
+
+training_loop() tells the story: set up (numerics, batch split, resume state,
+data, network), then TrainingStep (accumulation rounds, optimizer step with
+the loss scale, EMA update) until done, with maintenance once per tick
+(_report_tick, _save_snapshot with its sample grid, _save_state,
+_update_logs). Stop requests, random generator states and the run's files
+are in training/training_state.py."""
 
 import atexit
-import contextlib
 import copy
 import inspect
 import json
 import os
 import pickle
-import random
 import signal
 import time
 
@@ -21,10 +26,12 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
-from training import network_io
+import generate # the image grid helpers
+from training import network_io, training_state
 from training.loss_scale import DynamicLossScale
 from training.networks import set_fast_paths
 from training.phema import PowerFunctionEMA
+from training.sampling import edm_sampler, StackedRandomGenerator
 
 #----------------------------------------------------------------------------
 # Out-of-memory errors of every supported torch version.
@@ -36,31 +43,7 @@ def _oom_message(batch_gpu, num_accumulation_rounds):
             f'lower --batch-gpu (the batch is then split into more accumulation rounds)')
 
 #----------------------------------------------------------------------------
-# Stop requests (SIGTERM from a scheduler, Ctrl-C): finish the current step,
-# write a snapshot and a state dump, then return.
-
-class _StopRequest:
-    def __init__(self):
-        self.requested = False
-        self._previous = dict()
-
-    def install(self):
-        try:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        except ValueError: # not the main thread: signals stay with the caller
-            self._previous.clear()
-
-    def uninstall(self):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, _frame):
-        # No printing here: the signal may arrive in the middle of a print.
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt # second Ctrl-C: abort now
-        self.requested = True
+# Data.
 
 def _worker_init(_worker_id):
     # Data loader workers leave SIGINT/SIGTERM to the main process, which stops cleanly (and stops them: _close_data_loader).
@@ -90,20 +73,6 @@ def _next_batch(iterator):
         last = text.strip().splitlines()[-1]
         kind, _, message = last.partition(': ')
         raise ValueError(message if message and kind.isidentifier() else last) from None
-
-_stop_group = None # gloo process group for the stop flag, so that checking it never waits for the GPU
-
-def _agree_to_stop(local_request):
-    """True on every rank when any rank was asked to stop (a collective call under DDP)."""
-    global _stop_group
-    if dist.get_world_size() == 1:
-        return bool(local_request)
-    if _stop_group is None:
-        is_gloo = torch.distributed.get_backend() == 'gloo'
-        _stop_group = torch.distributed.group.WORLD if is_gloo else torch.distributed.new_group(backend='gloo')
-    flag = torch.tensor([1.0 if local_request else 0.0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=_stop_group)
-    return bool(flag.item() > 0)
 
 #----------------------------------------------------------------------------
 # Multi-process training.
@@ -136,30 +105,6 @@ def fused_adam_kwargs(optimizer_kwargs, device):
     except RuntimeError:
         return {}
     return dict(fused=True)
-
-#----------------------------------------------------------------------------
-# Random number generator states, per rank, for exact resumption.
-
-def _get_rng_state(device):
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-def _set_rng_state(state, device):
-    torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
-    if device.type == 'cuda' and 'cuda' in state:
-        torch.cuda.set_rng_state(state['cuda'], device)
-
-def _gather_to_rank0(obj):
-    """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere."""
-    if dist.get_world_size() == 1:
-        return [obj]
-    objs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    torch.distributed.gather_object(obj, objs, dst=0)
-    return objs
 
 #----------------------------------------------------------------------------
 # Files.
@@ -200,9 +145,6 @@ def _copy_by_name(src_module, dst_module, source_name):
     except ValueError as err:
         raise ValueError(f'{source_name}: {err}') from None
 
-def _snapshot_path(run_dir, cur_nimg):
-    return os.path.join(run_dir, f'network-snapshot-{cur_nimg//1000:06d}.pkl')
-
 def _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency=False):
     """What a network snapshot holds: the faithful EMA network, loss and augmentation (copies, eval, on the CPU)."""
     data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
@@ -220,42 +162,340 @@ def _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency
 def _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg, loss_kwargs, augment_kwargs, dataset_kwargs):
     """Resuming a state that already reaches total_kimg trains nothing; a run stopped between its last state dump and
     its last snapshot gets that snapshot, from the state's EMA (the network it would have held)."""
-    snapshot_path = _snapshot_path(run_dir, cur_nimg) if run_dir is not None else None
+    snapshot_path = training_state.snapshot_path(run_dir, cur_nimg) if run_dir is not None else None
     if snapshot_path is not None and not os.path.isfile(snapshot_path) and state.get('ema') is not None:
         loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
         augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-        _write_file(snapshot_path, pickle.dump, _snapshot_data(state['ema'], loss_fn, augment_pipe, dataset_kwargs))
+        training_state.write_file(snapshot_path, pickle.dump, _snapshot_data(state['ema'], loss_fn, augment_pipe, dataset_kwargs))
         dist.print0(f'Wrote the missing final snapshot {snapshot_path}')
     dist.print0(f'Training is already complete: {resume_state_dump} is at {cur_nimg / 1000:g} kimg of {total_kimg} kimg (--duration); nothing to train.')
 
-def _write_file(path, dump, data):
-    """dump(data, file) into `path`, which appears only once complete."""
-    with dnnlib.util.atomic_write(path, 'wb') as f:
-        dump(data, f)
+#----------------------------------------------------------------------------
+# One training step.
 
-def _trim_partial_line(path):
-    """Cut a text file back to its last complete line: an append cut short by a crash leaves a partial one."""
-    if os.path.isfile(path):
-        with _naming(path), open(path, 'rb+') as f:
-            data = f.read()
-            f.truncate(data.rfind(b'\n') + 1)
+class TrainingStep:
+    """One training step: the gradients of batch_size images (over all processes), accumulated in rounds;
+    the optimizer step with the learning rate ramp-up (float16 networks: with the dynamic loss scale); the
+    EMA update. `step(next_batch, cur_nimg)` runs it, next_batch() giving (images in [-1, 1], labels) on the
+    device. The training loop and bench/bench.py both run this."""
 
-def _append_line(path, line):
-    """Append one line to a text file and make it durable: one tick's statistics cost the same at any length of run."""
-    with _naming(path), open(path, 'at') as f:
-        f.write(line + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+    def __init__(self,
+        net,                                # Network being trained (unwrapped).
+        ema,                                # Its exponential moving average (a copy of net).
+        loss_fn,                            # training.loss.(VP|VE|EDM)Loss.
+        optimizer,                          # Optimizer of net's parameters.
+        batch_size,                         # Images of one step, over all processes.
+        lr,                                 # Learning rate after the ramp-up.
+        num_accumulation_rounds = 1,        # Rounds per step; each process sees batch_size // world_size images per step.
+        augment_pipe            = None,     # training.augment.AugmentPipe, None = disable.
+        ddp                     = None,     # net in DistributedDataParallel, None = single process.
+        train_net               = None,     # What the loss calls (ddp, possibly compiled), None = ddp.
+        loss_scale              = None,     # DynamicLossScale for float16 networks, None = the fixed loss_scaling.
+        loss_scaling            = 1,        # Fixed loss scale.
+        lr_rampup_kimg          = 0,        # Learning rate ramp-up duration.
+        ema_halflife_kimg       = 500,      # Half-life of the EMA.
+        ema_rampup_ratio        = 0.05,     # EMA ramp-up coefficient, None = no rampup.
+        precision               = 'fp32',   # bf16 = autocast.
+        fast                    = False,    # One fused kernel per parameter group for the EMA.
+        phema                   = None,     # training.phema.PowerFunctionEMA, None = disable.
+    ):
+        self.net, self.ema, self.loss_fn, self.optimizer, self.augment_pipe = net, ema, loss_fn, optimizer, augment_pipe
+        self.ddp = ddp if ddp is not None else net
+        self.train_net = train_net if train_net is not None else self.ddp
+        self.batch_size, self.lr, self.num_accumulation_rounds = batch_size, lr, num_accumulation_rounds
+        self.batch_gpu_total = batch_size // dist.get_world_size()
+        self.batch_gpu = self.batch_gpu_total // num_accumulation_rounds
+        self.loss_scale, self.loss_scaling, self.lr_rampup_kimg = loss_scale, loss_scaling, lr_rampup_kimg
+        self.ema_halflife_kimg, self.ema_rampup_ratio, self.fast, self.phema = ema_halflife_kimg, ema_rampup_ratio, fast, phema
+        self.autocast_dtype = torch.bfloat16 if precision == 'bf16' else None
+        device = next(net.parameters()).device
+        self.loss_sum = torch.zeros([], dtype=torch.float64, device=device) # this rank's loss sum of the tick: read once per tick
+        self.loss_num = 0
 
-@contextlib.contextmanager
-def _naming(path):
-    """An OSError of the block (such as a full disk) names `path`."""
+    def __call__(self, next_batch, cur_nimg):
+        """One step taken at cur_nimg images of training."""
+        self.accumulate_gradients(next_batch)
+        self.update_weights(cur_nimg)
+        self.update_ema(cur_nimg)
+
+    def accumulate_gradients(self, next_batch):
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.loss_scale.scale if self.loss_scale is not None else self.loss_scaling
+        device_type = self.loss_sum.device.type
+        try:
+            for round_idx in range(self.num_accumulation_rounds):
+                with misc.ddp_sync(self.ddp, (round_idx == self.num_accumulation_rounds - 1)):
+                    images, labels = next_batch()
+                    with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=(self.autocast_dtype is not None)):
+                        loss = self.loss_fn(net=self.train_net, images=images, labels=labels, augment_pipe=self.augment_pipe)
+                    training_stats.report('Loss/loss', loss)
+                    self.loss_sum.add_(loss.detach().sum().to(self.loss_sum))
+                    self.loss_num += loss.numel()
+                    loss.sum().mul(scale / self.batch_gpu_total).backward() # the per-GPU total, not one round's size
+        except _OOM_ERRORS:
+            raise MemoryError(_oom_message(self.batch_gpu, self.num_accumulation_rounds)) from None
+
+    def update_weights(self, cur_nimg):
+        """Optimizer step; float16: a step whose gradients overflowed is skipped (the others are all finite)."""
+        for g in self.optimizer.param_groups:
+            g['lr'] = self.lr * min(cur_nimg / max(self.lr_rampup_kimg * 1000, 1e-8), 1)
+        if self.loss_scale is not None:
+            training_stats.report('Loss/skipped_step', self.loss_scale.step(self.optimizer, self.net.parameters()))
+            return
+        for param in self.net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        self.optimizer.step()
+
+    def update_ema(self, cur_nimg):
+        ema_halflife_nimg = self.ema_halflife_kimg * 1000
+        if self.ema_rampup_ratio is not None:
+            ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * self.ema_rampup_ratio)
+        ema_beta = 0.5 ** (self.batch_size / max(ema_halflife_nimg, 1e-8))
+        with torch.no_grad():
+            if self.fast: # one fused kernel per parameter group; equal up to float rounding
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - ema_beta)
+            else:
+                for p_ema, p_net in zip(self.ema.parameters(), self.net.parameters()):
+                    p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+        if self.phema is not None:
+            self.phema.update(self.net, nimg=cur_nimg + self.batch_size, batch_size=self.batch_size)
+
+    def take_mean_loss(self):
+        """This process's mean loss since the last call."""
+        mean = float(self.loss_sum) / max(self.loss_num, 1)
+        self.loss_sum.zero_()
+        self.loss_num = 0
+        return mean
+
+#----------------------------------------------------------------------------
+# Setting up: numerics, batch split, resume state, data, network.
+
+def _set_up_numerics(seed, cudnn_benchmark, precision, compile):
+    """Seed this rank's generators and choose the numerics; True when our fast paths are on."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    np.random.seed((seed * world_size + rank) % (1 << 31))
+    torch.manual_seed(np.random.randint(1 << 31))
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if precision not in _PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}; choose one of {", ".join(_PRECISIONS)}')
+    torch.backends.cudnn.allow_tf32 = (precision == 'tf32')
+    torch.backends.cuda.matmul.allow_tf32 = (precision == 'tf32')
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    return precision == 'bf16' or compile # set_fast_paths, fused Adam, foreach EMA
+
+def _split_batch(batch_size, batch_gpu, world_size):
+    """(images per accumulation round, rounds) of each process."""
+    batch_gpu_total = batch_size // world_size
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    num_accumulation_rounds = batch_gpu_total // max(batch_gpu, 1)
+    if batch_gpu < 1 or batch_size != batch_gpu * num_accumulation_rounds * world_size:
+        raise ValueError(f'batch size {batch_size} is not divisible by {world_size} GPUs x {batch_gpu} images per GPU (--batch-gpu)')
+    return batch_gpu, num_accumulation_rounds
+
+def _read_resume_state(resume_state_dump, resume_kimg, seed, batch_size, allow_code=False):
+    """(state or None, cur_nimg, the data order's seed), read before anything else: the state decides the data order."""
+    if resume_state_dump is None:
+        return None, resume_kimg * 1000, seed
+    dist.print0(f'Loading training state from "{resume_state_dump}"...')
+    state = load_state_dump(resume_state_dump, allow_code=allow_code)
+    if 'cur_nimg' not in state: # the reference's layout: progress from the file name
+        return state, resume_kimg * 1000, seed
+    world_size = dist.get_world_size()
+    if state.get('batch_size', batch_size) != batch_size or state.get('world_size', world_size) != world_size:
+        dist.print0(f'Note: the state was saved with batch {state.get("batch_size")} on {state.get("world_size")} GPUs; '
+                    f'resuming with batch {batch_size} on {world_size} GPUs does not repeat the original run exactly.')
+    return state, int(state['cur_nimg']), int(state.get('sampler_seed', seed))
+
+def _open_data(dataset_kwargs, data_loader_kwargs, state, sampler_seed, cur_nimg, batch_gpu, device):
+    """The dataset, its sampler (continuing the state's data order) and the data loader's iterator."""
+    dist.print0('Loading dataset...')
+    data = dnnlib.EasyDict()
+    data.dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs) # subclass of training.dataset.Dataset
+    data.sampler_idx = int(state['sampler_idx']) if state is not None and 'sampler_idx' in state else cur_nimg
+    data.sampler_state = state.get('sampler_state') if state is not None else None # the data order's walk at sampler_idx
+    if data.sampler_state is not None and len(data.sampler_state['order']) != len(data.dataset):
+        dist.print0(f'Note: the state\'s data order is for {len(data.sampler_state["order"])} images, the dataset has {len(data.dataset)}; '
+                    f'the data order starts afresh.')
+        data.sampler_idx, data.sampler_state = 0, None
+    data.sampler_seed = sampler_seed
+    data.sampler = misc.InfiniteSampler(dataset=data.dataset, rank=dist.get_rank(), num_replicas=dist.get_world_size(), seed=sampler_seed,
+                                        start_idx=data.sampler_idx, start_state=data.sampler_state)
+    loader_kwargs = {k: v for k, v in data_loader_kwargs.items() if k != 'class_name'}
+    if loader_kwargs.get('num_workers', 0) == 0:
+        loader_kwargs.pop('prefetch_factor', None) # only valid with worker processes
+    else:
+        loader_kwargs.setdefault('worker_init_fn', _worker_init)
+        loader_kwargs.setdefault('multiprocessing_context', 'spawn') # workers start clean: no inherited file handles or threads
+    if device.type != 'cuda':
+        loader_kwargs['pin_memory'] = False # pinning needs an accelerator
+    loader = torch.utils.data.DataLoader(dataset=data.dataset, sampler=data.sampler, batch_size=batch_gpu, **loader_kwargs)
+    if data.sampler_idx > 0 and data.sampler_state is None:
+        dist.print0(f'Fast-forwarding the data order to image {data.sampler_idx}...')
+    data.iterator = iter(loader) # draws the workers' seed from torch's generator: before the network, as always
+    atexit.register(_close_data_loader, data.iterator) # an error before the loop: stopped at exit, before multiprocessing joins them
+    return data
+
+def _batch_source(iterator, device):
+    """next_batch() of TrainingStep: the loader's next images, scaled to [-1, 1], and labels on the device."""
+    def next_batch():
+        images, labels = _next_batch(iterator)
+        images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+        return images, labels.to(device, non_blocking=True)
+    return next_batch
+
+def _build_network(network_kwargs, dataset_obj, device, fast, compile, batch_gpu, num_accumulation_rounds):
+    """The network to train, in train mode on the device; rank 0 prints its summary."""
+    dist.print0('Constructing network...')
+    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs) # subclass of torch.nn.Module
+    net.train().requires_grad_(True).to(device)
+    if fast:
+        set_fast_paths(net)
+    if compile: # channels-last only pays under torch.compile: eager group_norm on CUDA converts such inputs back to NCHW
+        net = net.to(memory_format=torch.channels_last)
+    if dist.get_rank() == 0:
+        images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        sigma = torch.ones([batch_gpu], device=device)
+        labels = torch.zeros([batch_gpu, net.label_dim], device=device)
+        try:
+            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+        except _OOM_ERRORS:
+            raise MemoryError(_oom_message(batch_gpu, num_accumulation_rounds)) from None
+    return net
+
+def _resume_weights(step, resume_pkl, state, resume_state_dump, allow_code=False):
+    """Network, EMA, optimizer and loss scale from the snapshot and the training state."""
+    if resume_pkl is not None:
+        dist.print0(f'Loading network weights from "{resume_pkl}"...')
+        source = dist.rank0_first(lambda: network_io.load_network_pkl(resume_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+        _copy_by_name(source, step.net, resume_pkl)
+        _copy_by_name(source, step.ema, resume_pkl)
+        del source
+    if state is None:
+        return
+    if state.get('ema') is None and resume_pkl is None:
+        raise ValueError(f'{resume_state_dump} holds no EMA, and there is no network snapshot to take it from: '
+                         f'put the run\'s network-snapshot-NNNNNN.pkl of the same kimg beside it')
     try:
-        yield
-    except OSError as err:
-        if err.filename is not None:
-            raise
-        raise OSError(err.errno, err.strerror, path) from None
+        misc.copy_params_and_buffers(src_module=state['net'], dst_module=step.net, require_all=True)
+        if state.get('ema') is not None:
+            misc.copy_params_and_buffers(src_module=state['ema'], dst_module=step.ema, require_all=True)
+    except ValueError as err:
+        raise ValueError(f'{resume_state_dump}: {err}') from None
+    step.optimizer.load_state_dict(state['optimizer_state'])
+    if step.loss_scale is not None and state.get('loss_scale') is not None:
+        step.loss_scale.load_state_dict(state['loss_scale'])
+
+def _resume_progress(state, cur_nimg, device):
+    """(cur_tick, tick_start_nimg) of an interrupted run, whose random streams continue."""
+    if state is None or 'cur_nimg' not in state:
+        return 0, cur_nimg
+    rng_states = state.get('rng_states')
+    if rng_states is not None and len(rng_states) == dist.get_world_size():
+        training_state.set_rng_state(rng_states[dist.get_rank()], device)
+    else:
+        dist.print0('Note: the state holds no random generator state for this number of GPUs; new random streams are used.')
+    return int(state.get('cur_tick', 0)), int(state.get('tick_start_nimg', cur_nimg))
+
+#----------------------------------------------------------------------------
+# Maintenance, once per tick: status line, snapshot, sample grid, state dump, logs.
+
+def _report_tick(cur_tick, cur_nimg, tick_start_nimg, mean_loss, lr, times, device, kimg_digits):
+    """Print the status line, reporting the same values to training_stats."""
+    start_time, tick_start_time, tick_end_time, maintenance_time = times
+    fields = []
+    fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
+    fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.{kimg_digits}f}"]
+    fields += [f"loss {mean_loss:<8.4f}"]
+    fields += [f"lr {training_stats.report0('Progress/lr', lr):<9.3g}"]
+    fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
+    fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
+    fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
+    fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
+    fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
+    gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0
+    gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0
+    fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem):<6.2f}"]
+    fields += [f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved):<6.2f}"]
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    dist.print0(' '.join(fields), flush=True)
+
+def _report_loss_scale(loss_scale, warned):
+    """Report the float16 loss scale; warn once (returns True) when it has stalled."""
+    scale = training_stats.report0('Loss/scale', float(loss_scale.scale))
+    if not warned and loss_scale.stalled(scale):
+        dist.print0(f'Warning: the float16 loss scale has fallen to {scale:g} from --ls={loss_scale.target:g}; '
+                    'the gradients are not finite at any scale and every step is skipped', flush=True)
+        return True
+    return warned
+
+SAMPLE_STEPS = 16 # sampler steps of the grid written with each snapshot (NFE 31)
+
+def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS):
+    """uint8 [N, H, W, C] images of seeds 0..N-1 with the EDM sampler, as generate.py draws them (latents,
+    then labels, one generator per seed)."""
+    rnd = StackedRandomGenerator(device, list(range(num_images)))
+    latents = rnd.randn([num_images, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    class_labels = None
+    if net.label_dim:
+        class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[num_images], device=device)]
+    with torch.no_grad():
+        images = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
+    return generate.images_to_uint8(images)
+
+def _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device):
+    """network-snapshot-NNNNNN.pkl (the EMA network, loss and augmentation) and samples-NNNNNN.png (a grid of
+    the EMA network's images of fixed seeds: 8x8 on CUDA, 4x4 elsewhere) by rank 0."""
+    data = _snapshot_data(step.ema, step.loss_fn, step.augment_pipe, dataset_kwargs, check_consistency=(dist.get_world_size() > 1))
+    if dist.get_rank() != 0:
+        return
+    training_state.write_file(training_state.snapshot_path(run_dir, cur_nimg), pickle.dump, data)
+    grid_size = (8, 8) if device.type == 'cuda' else (4, 4)
+    images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device)
+    generate.save_image_grid(images, training_state.samples_path(run_dir, cur_nimg), grid_size=grid_size)
+
+def _save_state(run_dir, cur_nimg, step, data, progress):
+    """training-state-NNNNNN.pt: what the reference writes (net, optimizer_state) plus what an exact continuation
+    needs. progress = (cur_tick, tick_start_nimg, start_nimg) as the resumed run should continue them."""
+    cur_tick, tick_start_nimg, start_nimg = progress
+    rng_states = training_state.gather_to_rank0(training_state.get_rng_state(step.loss_sum.device))
+    if dist.get_rank() != 0:
+        return
+    # The data order's walk at the next image, replayed from the previous dump, so resuming needs no replay.
+    next_idx = data.sampler_idx + (cur_nimg - start_nimg)
+    data.sampler_state = data.sampler.state_at(next_idx, data.sampler_state)
+    training_state.write_file(training_state.state_path(run_dir, cur_nimg), torch.save, dict(
+        net=step.net, optimizer_state=step.optimizer.state_dict(), ema=step.ema,
+        cur_nimg=cur_nimg, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
+        sampler_seed=data.sampler_seed, sampler_idx=next_idx, sampler_state=data.sampler_state,
+        batch_size=step.batch_size, world_size=dist.get_world_size(), rng_states=rng_states,
+        loss_scale=(step.loss_scale.state_dict() if step.loss_scale is not None else None),
+        **(dict(phema=step.phema.state_dict()) if step.phema is not None else {}),
+    ))
+
+def _open_tensorboard(run_dir):
+    """A SummaryWriter into the run folder (rank 0), or a clear error without the tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise ValueError('--tensorboard needs the tensorboard package (pip install tensorboard)') from None
+    return SummaryWriter(run_dir)
+
+def _update_logs(stats_path, tensorboard, cur_nimg, total_kimg):
+    """Collect the tick's statistics (every rank) into stats.jsonl and TensorBoard (rank 0)."""
+    training_stats.default_collector.update()
+    stats = training_stats.default_collector.as_dict()
+    timestamp = time.time()
+    if stats_path is not None:
+        training_state.append_line(stats_path, json.dumps(dict(stats, timestamp=timestamp)))
+    if tensorboard is not None:
+        for name, value in stats.items():
+            tensorboard.add_scalar(name, value.mean, global_step=cur_nimg, walltime=timestamp)
+        tensorboard.flush()
+    dist.update_progress(cur_nimg // 1000, total_kimg)
 
 #----------------------------------------------------------------------------
 
@@ -286,148 +526,47 @@ def training_loop(
     precision           = 'fp32',   # fp32 (faithful), tf32 (TF32 matmul/conv on CUDA), bf16 (autocast, float32 master weights).
     compile             = False,    # torch.compile the network for the training step?
     phema_kwargs        = None,     # Options of the power-function EMAs (training.phema.PowerFunctionEMA), None = disable.
+    tensorboard         = False,    # Also write the statistics as TensorBoard events (rank 0)?
     allow_code          = False,    # Load resume files that name code other than ours (runs the code they carry)?
 ):
-    dataset_kwargs = dict(dataset_kwargs or {})
-    data_loader_kwargs = dict(data_loader_kwargs or {})
-    network_kwargs = dict(network_kwargs or {})
-    loss_kwargs = dict(loss_kwargs or {})
-    optimizer_kwargs = dict(optimizer_kwargs or {})
+    """Train; returns dnnlib.EasyDict(cur_nimg, stopped): stopped is True after a stop request (SIGTERM/SIGINT)."""
+    dataset_kwargs, data_loader_kwargs = dict(dataset_kwargs or {}), dict(data_loader_kwargs or {})
+    network_kwargs, loss_kwargs, optimizer_kwargs = dict(network_kwargs or {}), dict(loss_kwargs or {}), dict(optimizer_kwargs or {})
     device = misc.choose_device(device)
-    rank = dist.get_rank()
-    world_size = dist.get_world_size()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
 
     # Initialize.
     start_time = time.time()
-    np.random.seed((seed * world_size + rank) % (1 << 31))
-    torch.manual_seed(np.random.randint(1 << 31))
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    if precision not in _PRECISIONS:
-        raise ValueError(f'unknown precision {precision!r}; choose one of {", ".join(_PRECISIONS)}')
-    fast = (precision == 'bf16' or compile) # our fast paths: set_fast_paths, fused Adam, foreach EMA
-    torch.backends.cudnn.allow_tf32 = (precision == 'tf32')
-    torch.backends.cuda.matmul.allow_tf32 = (precision == 'tf32')
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-
-    # Select batch size per GPU.
-    batch_gpu_total = batch_size // world_size
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    num_accumulation_rounds = batch_gpu_total // max(batch_gpu, 1)
-    if batch_gpu < 1 or batch_size != batch_gpu * num_accumulation_rounds * world_size:
-        raise ValueError(f'batch size {batch_size} is not divisible by {world_size} GPUs x {batch_gpu} images per GPU (--batch-gpu)')
-
-    # Resume state (read early: it decides the data order).
-    state = None
-    if resume_state_dump is not None:
-        dist.print0(f'Loading training state from "{resume_state_dump}"...')
-        state = load_state_dump(resume_state_dump, allow_code=allow_code)
-    cur_nimg = resume_kimg * 1000
-    sampler_seed = seed
-    if state is not None and 'cur_nimg' in state:
-        cur_nimg = int(state['cur_nimg'])
-        sampler_seed = int(state.get('sampler_seed', seed))
-        if state.get('batch_size', batch_size) != batch_size or state.get('world_size', world_size) != world_size:
-            dist.print0(f'Note: the state was saved with batch {state.get("batch_size")} on {state.get("world_size")} GPUs; '
-                        f'resuming with batch {batch_size} on {world_size} GPUs does not repeat the original run exactly.')
+    fast = _set_up_numerics(seed, cudnn_benchmark, precision, compile)
+    batch_gpu, num_accumulation_rounds = _split_batch(batch_size, batch_gpu, world_size)
+    state, cur_nimg, sampler_seed = _read_resume_state(resume_state_dump, resume_kimg, seed, batch_size, allow_code)
     if state is not None and cur_nimg >= total_kimg * 1000:
         if rank == 0:
             _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg, loss_kwargs, augment_kwargs, dataset_kwargs)
-        return
-    sampler_idx = int(state['sampler_idx']) if state is not None and 'sampler_idx' in state else cur_nimg
-    sampler_state = state.get('sampler_state') if state is not None else None # the data order's walk at sampler_idx
+        return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=False)
+    data = _open_data(dataset_kwargs, data_loader_kwargs, state, sampler_seed, cur_nimg, batch_gpu, device)
+    net = _build_network(network_kwargs, data.dataset, device, fast, compile, batch_gpu, num_accumulation_rounds)
 
-    # Load dataset.
-    dist.print0('Loading dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs) # subclass of training.dataset.Dataset
-    if sampler_state is not None and len(sampler_state['order']) != len(dataset_obj):
-        dist.print0(f'Note: the state\'s data order is for {len(sampler_state["order"])} images, the dataset has {len(dataset_obj)}; '
-                    f'the data order starts afresh.')
-        sampler_idx, sampler_state = 0, None
-    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=sampler_seed, start_idx=sampler_idx, start_state=sampler_state)
-    loader_kwargs = {k: v for k, v in data_loader_kwargs.items() if k != 'class_name'}
-    if loader_kwargs.get('num_workers', 0) == 0:
-        loader_kwargs.pop('prefetch_factor', None) # only valid with worker processes
-    else:
-        loader_kwargs.setdefault('worker_init_fn', _worker_init)
-        loader_kwargs.setdefault('multiprocessing_context', 'spawn') # workers start clean: no inherited file handles or threads
-    if device.type != 'cuda':
-        loader_kwargs['pin_memory'] = False # pinning needs an accelerator
-    dataset_loader = torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **loader_kwargs)
-    if sampler_idx > 0 and sampler_state is None:
-        dist.print0(f'Fast-forwarding the data order to image {sampler_idx}...')
-    dataset_iterator = iter(dataset_loader) # draws the workers' seed from torch's generator: before the network, as always
-    atexit.register(_close_data_loader, dataset_iterator) # an error before the loop below: stopped at exit, before multiprocessing joins them
-
-    # Construct network.
-    dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs) # subclass of torch.nn.Module
-    net.train().requires_grad_(True).to(device)
-    if fast:
-        set_fast_paths(net)
-    if compile: # channels-last only pays under torch.compile: eager group_norm on CUDA converts such inputs back to NCHW
-        net = net.to(memory_format=torch.channels_last)
-    if rank == 0:
-        images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        sigma = torch.ones([batch_gpu], device=device)
-        labels = torch.zeros([batch_gpu, net.label_dim], device=device)
-        try:
-            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
-        except _OOM_ERRORS:
-            raise MemoryError(_oom_message(batch_gpu, num_accumulation_rounds)) from None
-        del images, sigma, labels
-
-    # Setup optimizer.
+    # Setup optimizer, EMA and the training step.
     dist.print0('Setting up optimizer...')
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs) # training.loss.(VP|VE|EDM)Loss
     fused = fused_adam_kwargs(optimizer_kwargs, device) if fast else {}
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs, **fused) # subclass of torch.optim.Optimizer
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None # training.augment.AugmentPipe
-    ddp = net
-    if world_size > 1:
-        ddp = _wrap_ddp(net, device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_scale = DynamicLossScale(loss_scaling, device=device) if getattr(net, 'use_fp16', False) else None
-    train_net = torch.compile(ddp) if compile else ddp
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=(precision == 'bf16'))
+    ddp = _wrap_ddp(net, device) if world_size > 1 else net
+    step = TrainingStep(net=net, ema=copy.deepcopy(net).eval().requires_grad_(False), loss_fn=loss_fn, optimizer=optimizer,
+                        batch_size=batch_size, lr=optimizer_kwargs['lr'], num_accumulation_rounds=num_accumulation_rounds,
+                        augment_pipe=augment_pipe, ddp=ddp, train_net=(torch.compile(ddp) if compile else ddp),
+                        loss_scale=(DynamicLossScale(loss_scaling, device=device) if getattr(net, 'use_fp16', False) else None),
+                        loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
+                        ema_rampup_ratio=ema_rampup_ratio, precision=precision, fast=fast)
 
-    # Resume training from previous snapshot.
-    if resume_pkl is not None:
-        dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        source = dist.rank0_first(lambda: network_io.load_network_pkl(resume_pkl, verbose=(rank == 0), allow_code=allow_code))
-        _copy_by_name(source, net, resume_pkl)
-        _copy_by_name(source, ema, resume_pkl)
-        del source
-    if state is not None:
-        if state.get('ema') is None and resume_pkl is None:
-            raise ValueError(f'{resume_state_dump} holds no EMA, and there is no network snapshot to take it from: '
-                             f'put the run\'s network-snapshot-NNNNNN.pkl of the same kimg beside it')
-        try:
-            misc.copy_params_and_buffers(src_module=state['net'], dst_module=net, require_all=True)
-            if state.get('ema') is not None:
-                misc.copy_params_and_buffers(src_module=state['ema'], dst_module=ema, require_all=True)
-        except ValueError as err:
-            raise ValueError(f'{resume_state_dump}: {err}') from None
-        optimizer.load_state_dict(state['optimizer_state'])
-        if loss_scale is not None and state.get('loss_scale') is not None:
-            loss_scale.load_state_dict(state['loss_scale'])
-
-    # Continue the counters and random streams of an interrupted run.
-    cur_tick = 0
-    tick_start_nimg = cur_nimg
-    if state is not None and 'cur_nimg' in state:
-        cur_tick = int(state.get('cur_tick', 0))
-        tick_start_nimg = int(state.get('tick_start_nimg', cur_nimg))
-        rng_states = state.get('rng_states')
-        if rng_states is not None and len(rng_states) == world_size:
-            _set_rng_state(rng_states[rank], device)
-        else:
-            dist.print0('Note: the state holds no random generator state for this number of GPUs; new random streams are used.')
-
-    # Power-function EMAs for post-hoc EMA (training/phema.py).
-    phema = PowerFunctionEMA(net, **phema_kwargs, run_dir=run_dir, resume_state=state, snapshot_data=dict(
-        loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))) if phema_kwargs else None
+    # Resume training: weights, counters, random streams; power-function EMAs (training/phema.py).
+    _resume_weights(step, resume_pkl, state, resume_state_dump, allow_code)
+    cur_tick, tick_start_nimg = _resume_progress(state, cur_nimg, device)
+    if phema_kwargs:
+        step.phema = PowerFunctionEMA(net, **phema_kwargs, run_dir=run_dir, resume_state=state, snapshot_data=dict(
+            loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs)))
     del state
 
     # Train.
@@ -439,134 +578,44 @@ def training_loop(
     dist.update_progress(cur_nimg // 1000, total_kimg)
     stats_path = os.path.join(run_dir, 'stats.jsonl') if rank == 0 and run_dir is not None else None
     if stats_path is not None:
-        _trim_partial_line(stats_path)
-    stop = _StopRequest()
+        training_state.trim_partial_line(stats_path)
+    writer = _open_tensorboard(run_dir) if tensorboard and rank == 0 and run_dir is not None else None
+    stop = training_state.StopRequest()
     stop.install()
     warned_stalled = False # the loss-scale warning is printed once
     kimg_digits = 1 if float(kimg_per_tick).is_integer() else 3 # fractional ticks (--tick=0.25) show them
-    tick_loss, tick_loss_num = torch.zeros([], dtype=torch.float64, device=device), 0 # this rank's loss sum of the tick
+    next_batch = _batch_source(data.iterator, device)
     try:
         while True:
-
-            # Accumulate gradients.
-            optimizer.zero_grad(set_to_none=True)
-            try:
-                for round_idx in range(num_accumulation_rounds):
-                    with misc.ddp_sync(ddp, (round_idx == num_accumulation_rounds - 1)):
-                        images, labels = _next_batch(dataset_iterator)
-                        images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
-                        labels = labels.to(device, non_blocking=True)
-                        with autocast():
-                            loss = loss_fn(net=train_net, images=images, labels=labels, augment_pipe=augment_pipe)
-                        training_stats.report('Loss/loss', loss)
-                        tick_loss.add_(loss.detach().sum().to(tick_loss)) # on the device: read once per tick
-                        tick_loss_num += loss.numel()
-                        loss.sum().mul((loss_scale.scale if loss_scale else loss_scaling) / batch_gpu_total).backward()
-            except _OOM_ERRORS:
-                raise MemoryError(_oom_message(batch_gpu, num_accumulation_rounds)) from None
-
-            # Update weights.
-            for g in optimizer.param_groups:
-                g['lr'] = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-            if loss_scale is None:
-                for param in net.parameters():
-                    if param.grad is not None:
-                        torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-                optimizer.step()
-            else: # float16: a step whose gradients overflowed is skipped; the others are all finite
-                training_stats.report('Loss/skipped_step', loss_scale.step(optimizer, net.parameters()))
-
-            # Update EMA.
-            ema_halflife_nimg = ema_halflife_kimg * 1000
-            if ema_rampup_ratio is not None:
-                ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * ema_rampup_ratio)
-            ema_beta = 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
-            with torch.no_grad():
-                if fast: # one fused kernel per parameter group; equal up to float rounding
-                    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
-                else:
-                    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                        p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
-            if phema is not None:
-                phema.update(net, nimg=cur_nimg + batch_size, batch_size=batch_size)
-
-            # Perform maintenance tasks once per tick.
+            step(next_batch, cur_nimg)
             cur_nimg += batch_size
             done = (cur_nimg >= total_kimg * 1000)
-            interrupted = (not done) and _agree_to_stop(stop.requested or dist.should_stop())
+            interrupted = (not done) and training_state.agree_to_stop(stop.requested or dist.should_stop())
             if interrupted:
                 dist.print0(f'\nStop requested (SIGTERM/SIGINT): saving a snapshot and the training state at {cur_nimg} images...', flush=True)
             tick_done = done or (cur_tick == 0) or (cur_nimg >= tick_start_nimg + kimg_per_tick * 1000)
             if not (tick_done or interrupted):
                 continue
 
-            # Print status line, accumulating the same information in training_stats.
+            # Maintenance: status line, snapshot and samples, state dump (an interruption counts as part of the tick), logs.
             tick_end_time = time.time()
-            fields = []
-            fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-            fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.{kimg_digits}f}"]
-            fields += [f"loss {float(tick_loss) / max(tick_loss_num, 1):<8.4f}"]
-            fields += [f"lr {training_stats.report0('Progress/lr', optimizer.param_groups[0]['lr']):<9.3g}"]
-            tick_loss.zero_()
-            tick_loss_num = 0
-            fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-            fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-            fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
-            fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-            fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
-            gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0
-            gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0
-            fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem):<6.2f}"]
-            fields += [f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved):<6.2f}"]
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            dist.print0(' '.join(fields), flush=True)
-            if loss_scale is not None:
-                scale = training_stats.report0('Loss/scale', float(loss_scale.scale))
-                if not warned_stalled and loss_scale.stalled(scale):
-                    dist.print0(f'Warning: the float16 loss scale has fallen to {scale:g} from --ls={loss_scale.target:g}; '
-                                'the gradients are not finite at any scale and every step is skipped', flush=True)
-                    warned_stalled = True
-
-            # Save network snapshot.
+            _report_tick(cur_tick, cur_nimg, tick_start_nimg, step.take_mean_loss(), optimizer.param_groups[0]['lr'],
+                         (start_time, tick_start_time, tick_end_time, maintenance_time), device, kimg_digits)
+            if step.loss_scale is not None:
+                warned_stalled = _report_loss_scale(step.loss_scale, warned_stalled)
             if interrupted or ((snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0)):
-                data = _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency=(world_size > 1))
-                if rank == 0:
-                    _write_file(_snapshot_path(run_dir, cur_nimg), pickle.dump, data)
-                del data # conserve memory
-                if phema is not None:
-                    phema.snapshot(cur_nimg, done)
-
-            # Save full dump of the training state: what the reference writes (net, optimizer_state)
-            # plus what an exact continuation needs. An interruption counts as part of the current tick.
+                _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device)
+                if step.phema is not None:
+                    step.phema.snapshot(cur_nimg, done)
             if interrupted or ((state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0):
-                rng_states = _gather_to_rank0(_get_rng_state(device))
-                if rank == 0:
-                    # The data order's walk at the next image, replayed from the previous dump, so resuming needs no replay.
-                    next_idx = sampler_idx + (cur_nimg - start_nimg) # next image of the data order
-                    sampler_state = dataset_sampler.state_at(next_idx, sampler_state)
-                    state_path = os.path.join(run_dir, f'training-state-{cur_nimg//1000:06d}.pt')
-                    _write_file(state_path, torch.save, dict(
-                        net=net, optimizer_state=optimizer.state_dict(), ema=ema,
-                        cur_nimg=cur_nimg, cur_tick=(cur_tick + 1 if tick_done else cur_tick), # a stop within a tick continues it
-                        tick_start_nimg=(cur_nimg if tick_done else tick_start_nimg),
-                        sampler_seed=sampler_seed, sampler_idx=next_idx, sampler_state=sampler_state,
-                        batch_size=batch_size, world_size=world_size, rng_states=rng_states,
-                        loss_scale=(loss_scale.state_dict() if loss_scale is not None else None),
-                        **(dict(phema=phema.state_dict()) if phema is not None else {}),
-                    ))
-                del rng_states
+                resumed_tick = (cur_tick + 1, cur_nimg) if tick_done else (cur_tick, tick_start_nimg) # a stop within a tick continues it
+                _save_state(run_dir, cur_nimg, step, data, (*resumed_tick, start_nimg))
+            _update_logs(stats_path, writer, cur_nimg, total_kimg)
 
-            # Update logs.
-            training_stats.default_collector.update()
-            if stats_path is not None:
-                _append_line(stats_path, json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())))
-            dist.update_progress(cur_nimg // 1000, total_kimg)
-
-            # Update state.
+            # Next tick.
             if interrupted:
                 dist.print0()
-                dist.print0(f'Stopped at {cur_nimg} images; continue with --resume={os.path.join(run_dir or ".", f"training-state-{cur_nimg//1000:06d}.pt")}')
+                dist.print0(f'Stopped at {cur_nimg} images, with a snapshot and the training state in {run_dir}.')
                 break
             cur_tick += 1
             tick_start_nimg = cur_nimg
@@ -576,11 +625,14 @@ def training_loop(
                 break
     finally:
         stop.uninstall()
-        _close_data_loader(dataset_iterator)
+        _close_data_loader(data.iterator)
         atexit.unregister(_close_data_loader)
+        if writer is not None:
+            writer.close()
 
     # Done.
     dist.print0()
     dist.print0('Exiting...')
+    return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=interrupted)
 
 #----------------------------------------------------------------------------
