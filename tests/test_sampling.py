@@ -20,7 +20,7 @@ SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler}
 COPIED_PARTS = {
     'edm': ['edm_sampler'],
     'ablation': ['_step_fractions', 'edm_sigma_steps', 'iddpm_sigma_table', 'vp_sigma', '_check_num_steps', '_check_choice',
-                 'ablation_sampler'],
+                 '_guided_denoiser', 'ablation_sampler'],
 }
 
 #----------------------------------------------------------------------------
