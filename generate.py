@@ -19,6 +19,7 @@ from torch_utils import distributed as dist
 from training.network_io import load_network_pkl, rebuild_network
 from training.networks import set_fast_paths
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator # re-exported, as in the reference
+from training.sampling import check_guidance, parse_guidance_interval
 
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling') # any of these selects ablation_sampler
 AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -238,13 +239,17 @@ def _barrier():
 @click.option('--schedule',                help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',             type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                      type=click.Choice(['vp', 'none']))
 
+@click.option('--guidance',                help='Guidance weight w (1 = none)', metavar='FLOAT',                     type=float, default=1, show_default=True)
+@click.option('--gnet', 'gnet_pkl',        help='Guiding network (autoguidance)  [default: classifier-free]', metavar='PATH|URL', type=str, default=None)
+@click.option('--guidance-interval',       help='Guide only for noise levels in (LO, HI]', metavar='LO,HI',           type=str, default=None)
+
 @click.option('--device',                  help='Device  [default: cuda when available, else cpu]', metavar='STR',    type=str, default=None)
 @click.option('--grid',                    help='Also write a grid of all images to this PNG', metavar='PATH',        type=str, default=None)
 @click.option('--precision',               help='Network precision (fp32 = faithful, as the reference)',                                type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']), default='fp32', show_default=True)
 @click.option('--compile', 'compile_net',  help='torch.compile the network (CUDA graphs on CUDA)',                                          is_flag=True)
 @click.option('--allow-code',              help='Load a pickle that names code other than ours (runs the code it carries)',             is_flag=True)
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, precision, compile_net, allow_code, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidance, gnet_pkl, guidance_interval, device, grid, precision, compile_net, allow_code, **sampler_kwargs):
     """Sample one PNG per seed from a network pickle (a path or URL), with the
     EDM sampler or, given any of --solver/--disc/--schedule/--scaling, the
     generalised sampler used for the ablations of the EDM paper.
@@ -275,6 +280,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     if grid is not None and os.path.isdir(grid):
         raise click.ClickException(f'--grid {grid} is a directory, not a file name')
     try:
+        guidance_interval = parse_guidance_interval(guidance_interval)
+    except ValueError as err:
+        raise click.ClickException(str(err))
+    try:
         device = dist.init(device)
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err))
@@ -285,8 +294,17 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))
 
+    gnet = None
+    if gnet_pkl is not None:
+        dist.print0(f'Loading guiding network from "{gnet_pkl}"...')
+        try:
+            gnet = dist.rank0_first(lambda: load_network_pkl(gnet_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+        except (ValueError, OSError) as err:
+            raise click.ClickException(str(err))
+
     try:
         check_class(net, class_idx)
+        check_guidance(net, gnet, guidance)
     except ValueError as err:
         raise click.ClickException(str(err))
 
@@ -296,6 +314,9 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     except OSError as err:
         raise click.ClickException(f'cannot create --outdir {outdir}: {err.strerror}')
     net = prepare_network(net, device, precision=precision, use_compile=compile_net)
+    if gnet is not None:
+        gnet = prepare_network(gnet, device, precision=precision, use_compile=compile_net)
+    sampler_kwargs.update(gnet=gnet, guidance=guidance, guidance_interval=guidance_interval)
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
     start_time = time.time()
     try:
