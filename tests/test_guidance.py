@@ -233,3 +233,34 @@ def test_generate_names_unusable_guidance(tmp_path, options, message):
     res = CliRunner().invoke(generate.main, ['--network=' + paths['net'], f'--outdir={tmp_path / "out"}', '--seeds=0', '--device=cpu',
                                              *[option.format(**paths) for option in options]])
     assert res.exit_code != 0 and message in res.output and 'Traceback' not in res.output
+
+#----------------------------------------------------------------------------
+# fid.py: the statistics of guided samples are those of generate.py's guided images.
+
+def test_fid_network_statistics_are_guided(tmp_path):
+    import pickle
+    import fid
+    import fid_detector
+    detector = fid_detector.ProjectionDetector(feature_dim=8)
+    detector_pkl = tmp_path / 'detector.pkl'
+    with open(detector_pkl, 'wb') as f:
+        pickle.dump(detector, f)
+    cfg = write_network_pkl(tmp_path / 'cfg.pkl', _tiny_net(label_dim=4, label_dropout=0.1))
+    guide = write_network_pkl(tmp_path / 'guide.pkl', _tiny_net(label_dim=4, seed=1))
+    options = dict(max_batch_size=5, device='cpu', detector_url=str(detector_pkl), allow_code=True, num_steps=3)
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for guide_options in [dict(gnet_pkl=guide, guidance=2, guidance_interval=(0.5, 50)), dict(guidance=3)]:
+            cli_options = ['--guidance=' + str(guide_options['guidance'])] + (['--gnet=' + guide, '--guidance-interval=0.5,50'] if 'gnet_pkl' in guide_options else [])
+            images = _generate(tmp_path / str(len(cli_options)), f'--network={cfg}', '--batch=5', *cli_options)
+            mu, sigma = fid.calculate_inception_stats_for_network(cfg, list(range(5)), **guide_options, **options)
+            features = fid_detector.numpy_features(np.stack(list(images.values())), detector)
+            np.testing.assert_allclose(mu, features.mean(axis=0), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-8, atol=1e-12)
+        with pytest.raises(ValueError, match='label dropout'):
+            fid.calculate_inception_stats_for_network(guide, list(range(5)), guidance=2, **options)
+    finally:
+        torch.set_num_threads(num_threads)
+    res = CliRunner().invoke(fid.main, ['calc', f'--images={tmp_path}', f'--ref={tmp_path / "ref.npz"}', '--guidance=2'])
+    assert res.exit_code != 0 and '--guidance: only with --network' in res.output
