@@ -89,6 +89,10 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    if opts.label_dropout is not None: # only when given, so that the presets stay as the reference writes them
+        if not opts.cond:
+            raise ValueError('--label-dropout drops class labels: it needs --cond=True')
+        c.network_kwargs.label_dropout = opts.label_dropout
     check_architecture(c.network_kwargs, dataset, opts)
 
     # Training options.
@@ -260,6 +264,7 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--phema',         help='Post-hoc EMA: track power-function EMAs of these relative stds', metavar='LIST', type=str)
 @click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--label-dropout', help='Class label dropout probability, for classifier-free guidance', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
 @click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
 @click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
 

@@ -264,3 +264,20 @@ def test_fid_network_statistics_are_guided(tmp_path):
         torch.set_num_threads(num_threads)
     res = CliRunner().invoke(fid.main, ['calc', f'--images={tmp_path}', f'--ref={tmp_path / "ref.npz"}', '--guidance=2'])
     assert res.exit_code != 0 and '--guidance: only with --network' in res.output
+
+#----------------------------------------------------------------------------
+# train.py --label-dropout.
+
+def test_train_label_dropout_gives_a_network_for_classifier_free_guidance():
+    import dnnlib
+    import train
+    dataset = dnnlib.EasyDict(name='x', resolution=8, num_channels=3, size=100, has_labels=True, label_dim=4)
+    options = dict(outdir='runs', data='x.zip', cond=True, cbase=16, cres=[1, 2], seed=0)
+    c, _desc = train.build_config(train.default_options(**options), dataset, device_type='cpu')
+    assert 'label_dropout' not in c.network_kwargs # the presets stay as the reference writes them
+    c, _desc = train.build_config(train.default_options(label_dropout=0.1, **options), dataset, device_type='cpu')
+    assert c.network_kwargs.label_dropout == 0.1
+    net = dnnlib.util.construct_class_by_name(**c.network_kwargs, img_resolution=8, img_channels=3, label_dim=4)
+    check_guidance(net.eval(), None, 2)
+    with pytest.raises(ValueError, match='--cond'):
+        train.build_config(train.default_options(label_dropout=0.1, **dict(options, cond=False)), dataset, device_type='cpu')
