@@ -17,7 +17,7 @@ from torch_utils import distributed as dist
 from torch_utils import persistence
 from torch_utils.misc import choose_device
 from generate import prepare_network, sample_batches, split_batches
-from training.sampling import check_sampler_options, parse_seeds
+from training.sampling import check_guidance, check_sampler_options, parse_guidance_interval, parse_seeds
 
 #----------------------------------------------------------------------------
 
@@ -237,6 +237,9 @@ def calculate_inception_stats_for_network(
     detector_url    = DETECTOR_URL, # Feature detector pickle (path or URL).
     feature_dim     = None,         # Expected feature size (of the reference statistics), checked before sampling.
     allow_code      = False,        # Load pickles (network, detector) that name code other than ours?
+    gnet_pkl        = None,         # Guiding network pickle (autoguidance); None: classifier-free when guidance != 1.
+    guidance        = 1,            # Guidance weight w (1 = none).
+    guidance_interval = None,       # Guide only for sigma in (lo, hi]; None: at every noise level.
     **sampler_kwargs,               # Options of edm_sampler (num_steps, sigma_min, ...).
 ):
     """Feature statistics (mu, sigma) of the network's samples for `seeds`, over all ranks."""
@@ -247,7 +250,15 @@ def calculate_inception_stats_for_network(
     dist.print0(f'Loading network from "{network_pkl}"...')
     net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
     check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
+    gnet = None
+    if gnet_pkl is not None:
+        dist.print0(f'Loading guiding network from "{gnet_pkl}"...')
+        gnet = dist.rank0_first(lambda: load_network_pkl(gnet_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+    check_guidance(net, gnet, guidance)
     net = prepare_network(net, device, precision=precision, use_compile=use_compile)
+    if gnet is not None:
+        gnet = prepare_network(gnet, device, precision=precision, use_compile=use_compile)
+    sampler_kwargs.update(gnet=gnet, guidance=guidance, guidance_interval=guidance_interval)
     detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0), allow_code=allow_code))
 
     dist.print0(f'Calculating statistics for {len(seeds)} generated images...')
@@ -334,7 +345,8 @@ def main():
 
 # Options of calc that only apply with --network (None when not given).
 _network_options = dict(seeds='--seeds', class_idx='--class', num_steps='--steps', sigma_min='--sigma_min', sigma_max='--sigma_max',
-                        rho='--rho', S_churn='--S_churn', S_min='--S_min', S_max='--S_max', S_noise='--S_noise', precision='--precision', compile_net='--compile')
+                        rho='--rho', S_churn='--S_churn', S_min='--S_min', S_max='--S_max', S_noise='--S_noise', precision='--precision', compile_net='--compile',
+                        guidance='--guidance', gnet_pkl='--gnet', guidance_interval='--guidance-interval')
 
 @main.command()
 @click.option('--images', 'image_path',    help='Path to the images', metavar='PATH|ZIP',                             type=str)
@@ -357,6 +369,9 @@ _network_options = dict(seeds='--seeds', class_idx='--class', num_steps='--steps
 @click.option('--S_noise', 'S_noise',      help='With --network: stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
 @click.option('--precision',               help='With --network: network precision, as in generate.py  [default: fp32]', type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']))
 @click.option('--compile', 'compile_net',  help='With --network: torch.compile the network, as in generate.py', is_flag=True, default=None)
+@click.option('--guidance',                help='With --network: guidance weight w  [default: 1 = none]', metavar='FLOAT', type=float)
+@click.option('--gnet', 'gnet_pkl',        help='With --network: guiding network (autoguidance)  [default: classifier-free]', metavar='PATH|URL', type=str)
+@click.option('--guidance-interval',       help='With --network: guide only for noise levels in (LO, HI]', metavar='LO,HI', type=str)
 
 def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, detector_url, allow_code, device, num_workers, **network_kwargs):
     """Calculate FID for a given set of images (or a network's samples)."""
@@ -377,6 +392,13 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
     class_idx = network_kwargs.pop('class_idx')
     precision = network_kwargs.pop('precision') or 'fp32'
     use_compile = bool(network_kwargs.pop('compile_net'))
+    guide_kwargs = dict(gnet_pkl=network_kwargs.pop('gnet_pkl'), guidance=network_kwargs.pop('guidance'))
+    if guide_kwargs['guidance'] is None:
+        guide_kwargs['guidance'] = 1
+    try:
+        guide_kwargs['guidance_interval'] = parse_guidance_interval(network_kwargs.pop('guidance_interval'))
+    except ValueError as err:
+        raise click.ClickException(str(err))
     sampler_kwargs = {name: value for name, value in network_kwargs.items() if value is not None} # unset: sampler defaults
     try:
         check_sampler_options(**sampler_kwargs)
@@ -393,7 +415,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
                                                   num_workers=_default_workers(num_workers), **common)
         else:
             mu, sigma = calculate_inception_stats_for_network(network_pkl, seeds, class_idx=class_idx, precision=precision, use_compile=use_compile,
-                                                              **common, **sampler_kwargs)
+                                                              **common, **guide_kwargs, **sampler_kwargs)
         dist.print0('Calculating FID...')
         if dist.get_rank() == 0:
             fid = calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref)

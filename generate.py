@@ -20,7 +20,7 @@ from torch_utils import distributed as dist
 from training.network_io import load_network_pkl, rebuild_network
 from training.networks import set_fast_paths
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator # re-exported, as in the reference
-from training.sampling import check_sampler_options, num_evaluations, parse_seeds
+from training.sampling import check_guidance, check_sampler_options, num_evaluations, parse_guidance_interval, parse_seeds
 
 ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling') # any of these selects ablation_sampler
 AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -261,6 +261,10 @@ def _barrier():
 @click.option('--schedule',                help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',             type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                      type=click.Choice(['vp', 'none']))
 
+@click.option('--guidance',                help='Guidance weight w (1 = none)', metavar='FLOAT',                     type=float, default=1, show_default=True)
+@click.option('--gnet', 'gnet_pkl',        help='Guiding network (autoguidance)  [default: classifier-free]', metavar='PATH|URL', type=str, default=None)
+@click.option('--guidance-interval',       help='Guide only for noise levels in (LO, HI]', metavar='LO,HI',           type=str, default=None)
+
 @click.option('--device',                  help='Device  [default: cuda when available, else cpu]', metavar='STR',    type=str, default=None)
 @click.option('--grid',                    help='Also write a grid of all images (one white pixel apart) to this PNG', metavar='PATH', type=str, default=None)
 @click.option('--grid-scale', 'grid_scale', help='Upscale each grid cell this many times (nearest neighbour)', metavar='INT', type=click.IntRange(min=1, max=64), default=1, show_default=True)
@@ -268,7 +272,7 @@ def _barrier():
 @click.option('--compile', 'compile_net',  help='torch.compile the network (CUDA graphs on CUDA)',                                          is_flag=True)
 @click.option('--allow-code',              help='Load a pickle that names code other than ours (runs the code it carries)',             is_flag=True)
 
-def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device, grid, grid_scale, precision, compile_net, allow_code, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidance, gnet_pkl, guidance_interval, device, grid, grid_scale, precision, compile_net, allow_code, **sampler_kwargs):
     """Sample one PNG per seed from a network pickle (a path or URL), with the
     EDM sampler or, given any of --solver/--disc/--schedule/--scaling, the
     generalised sampler used for the ablations of the EDM paper.
@@ -302,6 +306,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     if grid is not None and os.path.isdir(grid):
         raise click.ClickException(f'--grid {grid} is a directory, not a file name')
     try:
+        guidance_interval = parse_guidance_interval(guidance_interval)
+    except ValueError as err:
+        raise click.ClickException(str(err))
+    try:
         device = dist.init(device)
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err))
@@ -312,9 +320,18 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))
 
+    gnet = None
+    if gnet_pkl is not None:
+        dist.print0(f'Loading guiding network from "{gnet_pkl}"...')
+        try:
+            gnet = dist.rank0_first(lambda: load_network_pkl(gnet_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+        except (ValueError, OSError) as err:
+            raise click.ClickException(str(err))
+
     try:
         check_class(net, class_idx)
         check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
+        check_guidance(net, gnet, guidance)
     except ValueError as err:
         raise click.ClickException(str(err))
 
@@ -324,6 +341,9 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, device,
     except OSError as err:
         raise click.ClickException(f'cannot create --outdir {outdir}: {err.strerror}')
     net = prepare_network(net, device, precision=precision, use_compile=compile_net)
+    if gnet is not None:
+        gnet = prepare_network(gnet, device, precision=precision, use_compile=compile_net)
+    sampler_kwargs.update(gnet=gnet, guidance=guidance, guidance_interval=guidance_interval)
     dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
     start_time = time.time()
     try:

@@ -91,6 +91,10 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         c.augment_kwargs.update(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    if opts.label_dropout is not None: # only when given, so that the presets stay as the reference writes them
+        if not opts.cond:
+            raise ValueError('--label-dropout drops class labels: it needs --cond=True')
+        c.network_kwargs.label_dropout = opts.label_dropout
     check_architecture(c.network_kwargs, dataset, opts)
 
     # Training options.
@@ -247,7 +251,7 @@ OPTION_KEYS = {
     'phema': ['phema_kwargs.stds'], 'phema_snap': ['phema_kwargs.snapshot_kimg'], 'dropout': ['network_kwargs.dropout'],
     'augment': ['augment_kwargs', 'network_kwargs.augment_dim'], 'fp16': ['network_kwargs.use_fp16'], 'ls': ['loss_scaling'],
     'bench': ['cudnn_benchmark'], 'precision': ['precision'], 'compile': ['compile'], 'tick': ['kimg_per_tick'],
-    'snap': ['snapshot_ticks'], 'dump': ['state_dump_ticks'], 'seed': ['seed'],
+    'snap': ['snapshot_ticks'], 'dump': ['state_dump_ticks'], 'seed': ['seed'], 'label_dropout': ['network_kwargs.label_dropout'],
 }
 RUN_SPECIFIC = ('run_dir', 'resume_pkl', 'resume_state_dump', 'resume_kimg', 'tensorboard') # not part of what a run trains
 
@@ -382,6 +386,7 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--phema',         help='Post-hoc EMA: track power-function EMAs of these relative stds', metavar='LIST', type=str)
 @click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--label-dropout', help='Class label dropout probability, for classifier-free guidance', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
 @click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
 @click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL',                     type=bool, default=False, show_default=True)
 

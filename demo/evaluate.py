@@ -4,9 +4,12 @@ A support-vector classifier is trained on 80% of the real scikit-learn digits
 (its held-out accuracy is printed), then classifies class-conditional samples
 of the model, downsampled back to 8x8. Also prints a diversity figure: the
 mean pairwise distance between samples of the same class, relative to the
-same figure for the real digits.
+same figure for the real digits, and the Frechet distance between samples and
+real digits in a fixed feature space: the first 20 principal components of
+the real digits as the model sees them (8x8 -> model resolution -> 8x8).
 
     python demo/evaluate.py --network=demo/edm-digits-16x16-cond.pkl --num=1000
+    python demo/evaluate.py --gnet=demo/edm-digits-16x16-guide.pkl --guidance=2 --num=500
 """
 
 import os
@@ -20,7 +23,8 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.network_io import load_network_pkl # pylint: disable=wrong-import-position
-from training.sampling import StackedRandomGenerator, edm_sampler # pylint: disable=wrong-import-position
+from training.sampling import StackedRandomGenerator, edm_sampler, check_guidance, parse_guidance_interval # pylint: disable=wrong-import-position
+from fid import calculate_fid_from_inception_stats # pylint: disable=wrong-import-position
 from torch_utils.misc import choose_device # pylint: disable=wrong-import-position
 
 #----------------------------------------------------------------------------
@@ -43,9 +47,21 @@ def class_diversity(features, labels):
     """Mean over classes of the within-class mean pairwise distance."""
     return float(np.mean([mean_pairwise_distance(features[labels == c]) for c in np.unique(labels)]))
 
+def pca_basis(features, num_components):
+    """(mean, [D, K] projection) of the first `num_components` principal components of `features` [N, D]."""
+    mean = features.mean(0)
+    _u, _s, vt = np.linalg.svd(features - mean, full_matrices=False)
+    return mean, vt[:num_components].T
+
+def frechet_distance(features, features_ref):
+    """Frechet distance between Gaussians fitted to two feature sets [N, K] (the FID formula)."""
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (features, features_ref)]
+    return calculate_fid_from_inception_stats(*stats[0], *stats[1])
+
 @torch.no_grad()
-def sample_digits(net, num, steps, device, batch=250):
-    """`num` samples, class = seed % label_dim, seeds 0..num-1; returns uint8 [N, H, W] and classes."""
+def sample_digits(net, num, steps, device, batch=250, **guidance_kwargs):
+    """`num` samples, class = seed % label_dim, seeds 0..num-1; returns uint8 [N, H, W] and classes.
+    guidance_kwargs: gnet, guidance, guidance_interval of edm_sampler."""
     seeds = np.arange(num)
     classes = seeds % net.label_dim
     images = []
@@ -54,7 +70,7 @@ def sample_digits(net, num, steps, device, batch=250):
         rnd = StackedRandomGenerator(device, batch_seeds)
         latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution])
         class_labels = torch.eye(net.label_dim, device=device)[torch.as_tensor(classes[start:start + batch], device=device)]
-        x = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps)
+        x = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, **guidance_kwargs)
         images.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8)[:, 0].cpu().numpy())
     return np.concatenate(images), classes
 
@@ -65,9 +81,12 @@ def sample_digits(net, num, steps, device, batch=250):
 @click.option('--num', help='Number of samples', metavar='INT', type=click.IntRange(min=10), default=1000, show_default=True)
 @click.option('--steps', help='Sampler steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
 @click.option('--device', help='Device (default: CUDA when available)', metavar='STR', type=str, default=None)
-@click.option('--allow-code', help='Load a pickle that names code other than ours (runs the code it carries)', is_flag=True)
-def main(network_pkl, num, steps, device, allow_code):
-    """Classifier accuracy and diversity of class-conditional samples."""
+@click.option('--guidance', help='Guidance weight w (1 = none)', metavar='FLOAT', type=float, default=1, show_default=True)
+@click.option('--gnet', 'gnet_pkl', help='Guiding network (autoguidance)  [default: classifier-free]', metavar='PATH|URL', type=str, default=None)
+@click.option('--guidance-interval', help='Guide only for sigma in (LO, HI]', metavar='LO,HI', type=str, default=None)
+@click.option('--allow-code', help='Load pickles that name code other than ours (runs the code they carry)', is_flag=True)
+def main(network_pkl, num, steps, device, guidance, gnet_pkl, guidance_interval, allow_code):
+    """Classifier accuracy, diversity and Frechet distance of class-conditional samples."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.svm import SVC
@@ -75,6 +94,9 @@ def main(network_pkl, num, steps, device, allow_code):
     try:
         device = choose_device(device)
         net = load_network_pkl(network_pkl, allow_code=allow_code).to(device)
+        gnet = load_network_pkl(gnet_pkl, allow_code=allow_code).to(device) if gnet_pkl is not None else None
+        check_guidance(net, gnet, guidance)
+        guidance_interval = parse_guidance_interval(guidance_interval)
     except (ValueError, IOError) as err:
         raise click.ClickException(str(err))
 
@@ -84,7 +106,7 @@ def main(network_pkl, num, steps, device, allow_code):
     classifier = SVC(gamma=0.001, C=10).fit(x_train, y_train)
     print(f'Classifier held-out accuracy on real digits: {classifier.score(x_test, y_test) * 100:.2f}%')
 
-    images, classes = sample_digits(net, num, steps, device)
+    images, classes = sample_digits(net, num, steps, device, gnet=gnet, guidance=guidance, guidance_interval=guidance_interval)
     features = to_digit_scale(images)
     accuracy = float((classifier.predict(features) == classes).mean())
     sample_diversity = class_diversity(features, classes)
@@ -93,9 +115,15 @@ def main(network_pkl, num, steps, device, allow_code):
     real_up = np.stack([np.asarray(PIL.Image.fromarray(x, 'L').resize((net.img_resolution,) * 2, PIL.Image.LANCZOS)) for x in real_u8])
     diversity = sample_diversity / class_diversity(to_digit_scale(real_up), digits.target)
     diversity_raw = sample_diversity / class_diversity(real, digits.target)
-    print(f'Samples: {num}, {steps} steps (NFE {2 * steps - 1})')
+    real_features = to_digit_scale(real_up)
+    mean, basis = pca_basis(real_features, 20)
+    distance = frechet_distance((features - mean) @ basis, (real_features - mean) @ basis)
+    guided = 'unguided' if guidance == 1 else f'guidance {guidance:g} by {gnet_pkl or "the network without labels"}' + \
+        ('' if guidance_interval is None else f' for sigma in ({guidance_interval[0]:g}, {guidance_interval[1]:g}]')
+    print(f'Samples: {num}, {steps} steps (NFE {2 * steps - 1}), {guided}')
     print(f'Classifier accuracy on generated digits: {accuracy * 100:.2f}%')
     print(f'Diversity relative to real digits at the model resolution: {diversity:.3f} (relative to the raw 8x8 digits: {diversity_raw:.3f})')
+    print(f'Frechet distance to the real digits (20 principal components at 8x8): {distance:.3f}')
 
 #----------------------------------------------------------------------------
 

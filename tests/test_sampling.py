@@ -20,7 +20,7 @@ SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler}
 COPIED_PARTS = {
     'edm': ['edm_sampler'],
     'ablation': ['_step_fractions', 'edm_sigma_steps', 'iddpm_sigma_table', 'vp_sigma', 'default_sigma_range', '_check_num_steps', '_check_choice',
-                 'ablation_sampler'],
+                 '_guided_denoiser', 'ablation_sampler'],
 }
 
 #----------------------------------------------------------------------------
@@ -97,6 +97,19 @@ def test_pasted_sampler_reproduces_reference(gauss, case):
     images, _ = _run_case(gauss, case, samplers=_pasted_samplers())
     assert np.abs(images - gauss[f'{case}/images']).max() <= _tolerance(gauss, case)
     np.testing.assert_array_equal(images, _run_case(gauss, case)[0])
+
+def test_pasted_samplers_guide():
+    # Autoguidance, with and without an interval, and classifier-free guidance (labels and zeros in one batch).
+    pasted = _pasted_samplers()
+    net, latents, _ = _gauss_net_and_latents()
+    guide = GaussianDenoiser(net.mu + 0.3, 0.8)
+    labels = torch.eye(3)[torch.tensor([0, 2])]
+    for name, sampler in SAMPLERS.items():
+        for kwargs in [dict(gnet=guide, guidance=2), dict(gnet=guide, guidance=2.5, guidance_interval=(0.5, 10)), dict(guidance=3)]:
+            images = pasted[name](net, latents, labels, num_steps=6, **kwargs)
+            assert torch.equal(images, sampler(net, latents, labels, num_steps=6, **kwargs)), (name, kwargs)
+            if 'gnet' in kwargs:
+                assert not torch.equal(images, sampler(net, latents, labels, num_steps=6))
 
 def test_readme_names_what_to_copy():
     with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:

@@ -114,6 +114,28 @@ def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
 
+def _guided_denoiser(net, class_labels, gnet=None, guidance=1, guidance_interval=None):
+    """The denoiser D(x, sigma[, sigma_host]) that the samplers step with: net (D1) alone for guidance = 1,
+    else D0 + w (D1 - D0) for sigma in (lo, hi] of guidance_interval (Kynkaanniemi et al. 2024) and D1 outside.
+    D0 is gnet (autoguidance, Karras et al. 2024) or, when gnet is None, net given the zero label vector
+    (classifier-free guidance, Ho & Salimans 2022), evaluated in one batch with D1. sigma_host, when given,
+    is float(sigma) already on the host."""
+    if not np.isfinite(guidance):
+        raise ValueError(f'guidance must be a finite number, got {guidance!r}')
+    if gnet is None and guidance != 1 and class_labels is None:
+        raise ValueError('classifier-free guidance needs class labels; give gnet to guide an unconditional network')
+    sigma_lo, sigma_hi = (0, float('inf')) if guidance_interval is None else guidance_interval
+
+    def denoise(x, sigma, sigma_host=None):
+        if guidance == 1 or not sigma_lo < (float(sigma) if sigma_host is None else sigma_host) <= sigma_hi:
+            return net(x, sigma, class_labels).to(torch.float64)
+        if gnet is None: # classifier-free: D0 is net given the zero label vector, in the same batch
+            D1, D0 = net(torch.cat([x, x]), sigma, torch.cat([class_labels, torch.zeros_like(class_labels)])).to(torch.float64).chunk(2)
+        else:
+            D1, D0 = net(x, sigma, class_labels).to(torch.float64), gnet(x, sigma, class_labels).to(torch.float64)
+        return D0 + guidance * (D1 - D0)
+    return denoise
+
 #----------------------------------------------------------------------------
 
 def edm_sampler(
@@ -129,11 +151,31 @@ def edm_sampler(
     S_min           = 0,            # Churn only where S_min <= t_i <= S_max.
     S_max           = float('inf'),
     S_noise         = 1,            # Noise inflation of the churn.
+    gnet            = None,         # Guiding denoiser D0 (autoguidance); None: net without class labels (classifier-free).
+    guidance        = 1,            # Guidance weight w: D0 + w (D1 - D0); 1 = no guidance.
+    guidance_interval = None,       # Guide only for sigma in (lo, hi]; None: at every noise level.
 ):
-    """EDM sampler: Algorithm 2 of Karras et al. 2022 (stochastic Heun, 2N - 1 evaluations).
+    """EDM sampler: Algorithm 2 of Karras et al. 2022 (stochastic Heun, 2N - 1 evaluations), optionally
+    guided (classifier-free guidance, autoguidance, guidance interval; see _guided_denoiser).
     Self-contained (numpy as np and torch only), so that it can be copied on its own."""
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
+    # The guided denoiser, as _guided_denoiser (written out here so that this function can be copied alone).
+    if not np.isfinite(guidance):
+        raise ValueError(f'guidance must be a finite number, got {guidance!r}')
+    if gnet is None and guidance != 1 and class_labels is None:
+        raise ValueError('classifier-free guidance needs class labels; give gnet to guide an unconditional network')
+    sigma_lo, sigma_hi = (0, float('inf')) if guidance_interval is None else guidance_interval
+
+    def denoise(x, sigma, sigma_host=None):
+        """D0 + w (D1 - D0) for sigma in (sigma_lo, sigma_hi], else D1 (eq. 1 of Karras et al. 2024)."""
+        if guidance == 1 or not sigma_lo < (float(sigma) if sigma_host is None else sigma_host) <= sigma_hi:
+            return net(x, sigma, class_labels).to(torch.float64)
+        if gnet is None: # classifier-free: D0 is net given the zero label vector, in the same batch
+            D1, D0 = net(torch.cat([x, x]), sigma, torch.cat([class_labels, torch.zeros_like(class_labels)])).to(torch.float64).chunk(2)
+        else:
+            D1, D0 = net(x, sigma, class_labels).to(torch.float64), gnet(x, sigma, class_labels).to(torch.float64)
+        return D0 + guidance * (D1 - D0)
 
     # Adjust noise levels based on what's supported by the network.
     sigma_min = max(sigma_min, net.sigma_min)
@@ -161,13 +203,13 @@ def edm_sampler(
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
 
         # Euler step.
-        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
+        denoised = denoise(x_hat, t_hat, t_host[i] if gamma == 0 else None)
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
 
         # Second order correction, except on the last step (t_N = 0).
         if i < num_steps - 1:
-            denoised = net(x_next, t_next, class_labels).to(torch.float64)
+            denoised = denoise(x_next, t_next, t_host[i + 1])
             d_prime = (x_next - denoised) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
 
@@ -197,11 +239,16 @@ def ablation_sampler(
     S_min           = 0,            # Churn only where S_min <= sigma(t_i) <= S_max.
     S_max           = float('inf'),
     S_noise         = 1,            # Noise inflation of the churn.
+    gnet            = None,         # Guiding denoiser D0 (autoguidance); None: net without class labels (classifier-free).
+    guidance        = 1,            # Guidance weight w: D0 + w (D1 - D0); 1 = no guidance.
+    guidance_interval = None,       # Guide only for sigma in (lo, hi]; None: at every noise level.
 ):
-    """Generalised sampler of Section 3 of Karras et al. 2022 (Table 1: VP, VE, iDDPM and EDM choices).
-    To copy it, take _step_fractions, edm_sigma_steps, iddpm_sigma_table, vp_sigma, default_sigma_range,
-    _check_num_steps and _check_choice with it (numpy as np and torch only)."""
+    """Generalised sampler of Section 3 of Karras et al. 2022 (Table 1: VP, VE, iDDPM and EDM choices),
+    optionally guided as edm_sampler. To copy it, take _step_fractions, edm_sigma_steps, iddpm_sigma_table,
+    vp_sigma, default_sigma_range, _check_num_steps, _check_choice and _guided_denoiser with it (numpy as np
+    and torch only)."""
     _check_num_steps(num_steps)
+    denoise = _guided_denoiser(net, class_labels, gnet=gnet, guidance=guidance, guidance_interval=guidance_interval)
     _check_choice('solver', solver, ['euler', 'heun'])
     _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
     _check_choice('schedule', schedule, ['vp', 've', 'linear'])
@@ -278,7 +325,7 @@ def ablation_sampler(
 
         # Euler step.
         h = t_next - t_hat
-        denoised = net(x_hat / s(t_hat), sigma(t_hat), class_labels).to(torch.float64)
+        denoised = denoise(x_hat / s(t_hat), sigma(t_hat))
         d_cur = dxdt(x_hat, t_hat, denoised)
 
         # Second order correction at t_hat + alpha h, except on the last step (t_N = 0).
@@ -287,7 +334,7 @@ def ablation_sampler(
         else:
             x_prime = x_hat + alpha * h * d_cur
             t_prime = t_hat + alpha * h
-            denoised = net(x_prime / s(t_prime), sigma(t_prime), class_labels).to(torch.float64)
+            denoised = denoise(x_prime / s(t_prime), sigma(t_prime))
             d_prime = dxdt(x_prime, t_prime, denoised)
             x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
 
@@ -328,5 +375,36 @@ class StackedRandomGenerator:
         self._check_size(size)
         kwargs.setdefault('device', self.device)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+#----------------------------------------------------------------------------
+# Guidance options of the command lines (generate.py, fid.py, demo/evaluate.py).
+
+def parse_guidance_interval(text):
+    """'LO,HI' -> (lo, hi) with 0 <= lo < hi: guide for sigma in (lo, hi]; None or '' -> None."""
+    if text is None or text == '':
+        return None
+    parts = text.split(',')
+    try:
+        lo, hi = (float(part) for part in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        lo = hi = None
+    if lo is None or not 0 <= lo < hi:
+        raise ValueError(f'--guidance-interval must be LO,HI with 0 <= LO < HI (noise levels), got {text!r}')
+    return lo, hi
+
+def check_guidance(net, gnet=None, guidance=1):
+    """Raise ValueError unless `net` can be guided by `gnet` (autoguidance) or, with gnet None, by itself
+    without class labels (classifier-free guidance, only meaningful for a network trained with label dropout)."""
+    if not np.isfinite(guidance):
+        raise ValueError(f'--guidance must be a finite number, got {guidance}')
+    if gnet is not None:
+        for name in ('img_resolution', 'img_channels', 'label_dim'):
+            if getattr(gnet, name) != getattr(net, name):
+                raise ValueError(f'--gnet has {name}={getattr(gnet, name)}, the network {name}={getattr(net, name)}')
+    elif guidance != 1 and not net.label_dim:
+        raise ValueError('--guidance without --gnet is classifier-free guidance, which needs a conditional network; give --gnet')
+    elif guidance != 1 and not getattr(getattr(net, 'model', None), 'label_dropout', 0) > 0:
+        raise ValueError('--guidance without --gnet is classifier-free guidance, which needs a network trained with '
+                         'label dropout (train.py --label-dropout); this one was not: give --gnet')
 
 #----------------------------------------------------------------------------
