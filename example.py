@@ -7,8 +7,9 @@ import click
 import torch
 import tqdm
 
-from generate import images_to_uint8, save_image_grid, SamplerNet
 from torch_utils.misc import choose_device
+from training.generation import SamplerNet
+from training.image_io import images_to_uint8, save_image_grid
 from training.network_io import load_network_pkl
 from training.sampling import edm_sampler
 

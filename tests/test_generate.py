@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import generate
+from training import generation, image_io
 from conftest import ROOT, free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
 
 SEEDS = '0-4,1000'
@@ -176,8 +177,8 @@ def test_padded_batches_give_the_same_images():
     runs = {}
     for pad in [False, True]:
         sizes.clear()
-        sampler_net = generate.SamplerNet(net, 'cpu', pad_batches=pad)
-        runs[pad] = list(generate.sample_batches(sampler_net, list(range(5)), device, max_batch_size=2, num_steps=2))
+        sampler_net = generation.SamplerNet(net, 'cpu', pad_batches=pad)
+        runs[pad] = list(generation.sample_batches(sampler_net, list(range(5)), device, max_batch_size=2, num_steps=2))
         assert sorted(set(sizes)) == ([2] if pad else [1, 2])
     assert [seeds for seeds, _ in runs[True]] == [[0, 1], [2, 3], [4]]
     for (seeds_a, images_a), (seeds_b, images_b) in zip(runs[False], runs[True]):
@@ -199,8 +200,8 @@ def test_images_are_the_samplers_with_per_seed_noise(precond, churn):
     assert len(calls) == 6
     other_noise = generate.edm_sampler(net, latents, labels, num_steps=6, **churn) # global draws: the same only without churn
     assert torch.equal(other_noise, expected) != bool(churn)
-    ((batch_seeds, images),) = generate.sample_batches(net, seeds, torch.device('cpu'), max_batch_size=3, num_steps=6, **churn)
-    assert batch_seeds == seeds and np.array_equal(images, generate.images_to_uint8(expected))
+    ((batch_seeds, images),) = generation.sample_batches(net, seeds, torch.device('cpu'), max_batch_size=3, num_steps=6, **churn)
+    assert batch_seeds == seeds and np.array_equal(images, image_io.images_to_uint8(expected))
     if not churn:
         assert torch.equal(generate.edm_sampler(net, latents, labels, randn_like=torch.zeros_like, num_steps=6), expected)
 
@@ -223,10 +224,10 @@ def test_frozen_sampling_folds_the_weight_casts():
     x = torch.randn([4, 3, 8, 8], generator=torch.Generator().manual_seed(0))
     sigma, labels = torch.full([4], 2.0), torch.eye(LABEL_DIM)
     with torch.no_grad():
-        expected = generate.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'))(x, sigma, labels)
+        expected = generation.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'))(x, sigma, labels)
     kernels, outputs = {}, {}
     for freeze in [False, True]:
-        sampler_net = generate.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'), precision='bf16', use_compile=True)
+        sampler_net = generation.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'), precision='bf16', use_compile=True)
         assert not sampler_net.freeze
         sampler_net.freeze = freeze # before the first call, which compiles
         torch._dynamo.reset()
