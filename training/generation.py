@@ -140,10 +140,6 @@ def sample_batches(net, seeds, device, class_idx=None, max_batch_size=64, progre
 
 def _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, sampler_fn, sampler_kwargs):
     """The body of sample_batches: sample each non-empty batch of seeds, padded to padded_size."""
-    # Without churn, edm_sampler multiplies each step's noise by sqrt(t_hat^2 - t_i^2) = 0 (t_hat = round_sigma(t_i),
-    # and round_sigma is idempotent), and the batch's generators are dropped after it: zeros give the same images
-    # without one draw per seed and step (256 small kernels per step on a GPU).
-    no_churn = (sampler_fn is edm_sampler and sampler_kwargs.get('S_churn', 0) == 0)
     for batch_seeds in rank_batches:
         batch_size = len(batch_seeds)
         run_seeds = batch_seeds + batch_seeds[-1:] * (padded_size - batch_size) # the padding's images are dropped
@@ -159,8 +155,7 @@ def _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, samp
             class_labels[:, :] = 0
             class_labels[:, class_idx] = 1
 
-        randn_like = torch.zeros_like if no_churn else rnd.randn_like
-        images = sampler_fn(net, latents, class_labels, randn_like=randn_like, **sampler_kwargs)
+        images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
         yield batch_seeds, images_to_uint8(images[:batch_size])
 
 def _save_images(images, paths):
