@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import example
 import generate
 from training import generation, image_io
 from conftest import ROOT, free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
@@ -328,3 +329,19 @@ def test_example_names_unreachable_url(tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.png')]
 
 #----------------------------------------------------------------------------
+
+def test_example_writes_the_samplers_grid(tmp_path):
+    # The first published name as a local pickle, the others absent: its grid holds edm_sampler's 8x8 images of
+    # one generator, row by row; then the first missing pickle is named in one line.
+    pkl, grid_name, sampler_kwargs = example.MODELS[0]
+    net = make_tiny_net(label_dim=LABEL_DIM)
+    write_network_pkl(tmp_path / pkl, net)
+    res = run_script(['example.py', f'--model-root={tmp_path}', '--device=cpu', f'--outdir={tmp_path}'], check=False)
+    assert res.returncode != 0 and 'Traceback' not in res.stderr
+    assert str(tmp_path / example.MODELS[1][0]) in res.stderr.strip().splitlines()[-1]
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn([64, 3, 8, 8], generator=gen)
+    labels = torch.eye(LABEL_DIM)[torch.randint(LABEL_DIM, size=[64], generator=gen)]
+    images = image_io.images_to_uint8(generate.edm_sampler(net, latents, labels, **sampler_kwargs))
+    expected = images.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(64, 64, 3)
+    np.testing.assert_array_equal(np.array(PIL.Image.open(tmp_path / grid_name)), expected)
