@@ -1,14 +1,13 @@
-"""Minimal example: an 8x8 grid of images from each published EDM model,
-sampled with the settings the paper recommends for it."""
+"""Minimal standalone example: an 8x8 grid of images from each published EDM
+model, sampled with edm_sampler at the settings the paper recommends for it."""
 
 import os
 
 import click
 import torch
-import tqdm
 
-from generate import images_to_uint8, save_image_grid, SamplerNet
 from torch_utils.misc import choose_device
+from training.image_io import images_to_uint8, save_image_grid
 from training.network_io import load_network_pkl
 from training.sampling import edm_sampler
 
@@ -26,27 +25,25 @@ MODELS = [
 
 @torch.no_grad()
 def generate_image_grid(network_pkl, dest_path, seed=0, gridw=8, gridh=8, device=None, allow_code=False, **sampler_kwargs):
-    """Sample gridw x gridh images from one seed with edm_sampler and write them as one PNG grid."""
+    """Sample gridw x gridh images with edm_sampler and write them as one PNG grid."""
     device = choose_device(device)
     batch_size = gridw * gridh
+    gen = torch.Generator(device).manual_seed(seed)
 
     # Load network.
     print(f'Loading network from "{network_pkl}"...')
-    net = load_network_pkl(network_pkl, allow_code=allow_code)
+    net = load_network_pkl(network_pkl, allow_code=allow_code).to(device)
 
-    # Pick latents and labels from one generator, which also drives the churn noise.
+    # Pick latents and labels.
     print(f'Generating {batch_size} images...')
-    gen = torch.Generator(device).manual_seed(seed)
     latents = torch.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], generator=gen, device=device)
     class_labels = None
     if net.label_dim:
         class_labels = torch.eye(net.label_dim, device=device)[torch.randint(net.label_dim, size=[batch_size], generator=gen, device=device)]
-    randn_like = lambda x: torch.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device, generator=gen)
 
-    # Sample, with progress over network evaluations (2 N - 1).
-    with tqdm.tqdm(total=2 * sampler_kwargs.get('num_steps', 18) - 1, unit='eval') as bar:
-        sampler_net = SamplerNet(net.to(device), device.type, on_call=bar.update)
-        images = edm_sampler(sampler_net, latents, class_labels, randn_like=randn_like, **sampler_kwargs)
+    # Sample; the churn noise comes from the same generator.
+    randn_like = lambda x: torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=gen)
+    images = edm_sampler(net, latents, class_labels, randn_like=randn_like, **sampler_kwargs)
 
     # Save image grid.
     print(f'Saving image grid to "{dest_path}"...')
@@ -72,6 +69,6 @@ def main(device, model_root, outdir, allow_code):
 #----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    main()
+    main() # pylint: disable=no-value-for-parameter
 
 #----------------------------------------------------------------------------

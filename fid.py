@@ -16,7 +16,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from torch_utils.misc import choose_device
-from generate import prepare_network, sample_batches, split_batches
+from training.generation import prepare_network, sample_batches, split_batches
 from training.sampling import check_guidance, check_sampler_options, parse_guidance_interval, parse_seeds
 
 #----------------------------------------------------------------------------

@@ -40,9 +40,9 @@ SLOW_OPS = ['paths', 'freeze'] # for --slow-ops
 # Worker: one measurement, in a fresh process, printed as one JSON line.
 #
 # Each checkout runs the way its own scripts run it. This checkout samples
-# through generate.prepare_network (--precision, --compile) and trains as
-# training_loop does. Another checkout (--ref) samples as the reference's
-# generate.py does (PyTorch's default TF32 settings, its own attention) and
+# through training/generation.py (--precision, --compile) and trains with
+# training_loop's TrainingStep. Another checkout (--ref) samples as the
+# reference's generate.py does (PyTorch's default TF32 settings, its own attention) and
 # trains as its training loop does (TF32 off); its fp16 mode is the network's
 # use_fp16 path and its bf16 mode plain autocast.
 
@@ -105,105 +105,49 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
                   device_name=torch.cuda.get_device_name(device) if is_cuda else 'cpu', torch=torch.__version__)
 
     if what == 'sample':
-        try:
-            from training.sampling import edm_sampler, StackedRandomGenerator
-        except ImportError:
-            from generate import edm_sampler, StackedRandomGenerator
         net.eval().requires_grad_(False)
-        if ours:
-            from generate import prepare_network
-            # fast: fp16 on CUDA (bf16's speed with 3 more mantissa bits), bf16 elsewhere (CPUs emulate fp16).
-            precision = {'fast': 'fp16' if is_cuda else 'bf16'}.get(mode, mode)
-            sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'), freeze=freeze)
-            if not fast_paths: # before the first call, which compiles
-                from training import networks
-                networks.set_fast_paths(sampler_net.net, False) # a compiled wrapper holds the modules too
-        else:
-            if mode == 'tf32':
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
-            dtype = torch.bfloat16 if mode == 'bf16' else None
-            class RefSamplerNet: # the sampler sees the usual attributes; the call runs under autocast
-                def __getattr__(self, name):
-                    return getattr(net, name)
-                def __call__(self, *args, **kwargs):
-                    with torch.autocast(device.type, dtype=dtype, enabled=(dtype is not None)):
-                        return net(*args, **kwargs)
-            sampler_net = RefSamplerNet()
         batch = batch or cfg['sample_batch']
-        rnd = StackedRandomGenerator(device, list(range(batch)))
-        latents = rnd.randn([batch, cfg['ch'], cfg['res'], cfg['res']])
-        labels = torch.eye(cfg['label_dim'], device=device)[rnd.randint(cfg['label_dim'], size=[batch], device=device)]
+        if ours:
+            sample = _our_sampling(net, device, mode, batch, steps, freeze, fast_paths)
+        else:
+            sample = _reference_sampling(root, net, device, mode, batch, steps, cfg)
         if is_cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            images = edm_sampler(sampler_net, latents, labels, num_steps=steps) # warm-up (and compilation)
-            sync()
-            result['warmup_sec'] = time.perf_counter() - t0
-            if save_images:
-                import numpy as np
-                np.save(save_images, (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu().numpy())
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                edm_sampler(sampler_net, latents, labels, num_steps=steps)
-            sync()
-            seconds = (time.perf_counter() - t0) / iters
-            if profile:
-                write_profile(lambda: edm_sampler(sampler_net, latents, labels, num_steps=steps), sync, device, profile)
+        t0 = time.perf_counter()
+        images = sample() # warm-up (and compilation)
+        sync()
+        result['warmup_sec'] = time.perf_counter() - t0
+        if save_images:
+            import numpy as np
+            np.save(save_images, images)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            sample()
+        sync()
+        seconds = (time.perf_counter() - t0) / iters
+        if profile:
+            write_profile(sample, sync, device, profile)
         nfe = 2 * steps - 1
         result.update(batch=batch, nfe=nfe, images_per_sec=batch / seconds,
                       achieved_tflops=(gflop * nfe * batch / seconds / 1e3) if gflop else None)
 
     if what == 'train':
-        from training.loss import EDMLoss
         torch.backends.cudnn.benchmark = True # both training loops default to cudnn_benchmark=True
         torch.backends.cudnn.allow_tf32 = (mode == 'tf32') # both training loops turn TF32 off by default
         torch.backends.cuda.matmul.allow_tf32 = (mode == 'tf32')
-        fast = ours and mode in ('bf16', 'fast') # train.py --precision=bf16 [--compile=1]
-        net.train().requires_grad_(True)
-        if fast:
-            from training import networks
-            networks.set_fast_paths(net, fast_paths)
-        if mode == 'fast':
-            net = net.to(memory_format=torch.channels_last)
-        ema = copy.deepcopy(net).eval().requires_grad_(False)
-        run_net = torch.compile(net, mode=('reduce-overhead' if train_graphs else None)) if mode == 'fast' else net
-        autocast_dtype = torch.bfloat16 if mode in ('bf16', 'fast') else None
-        loss_fn = EDMLoss()
-        opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-        if fast:
-            from training.training_loop import fused_adam_kwargs
-            opt_kwargs.update(fused_adam_kwargs(dict(class_name='torch.optim.Adam'), device))
-        optimizer = torch.optim.Adam(net.parameters(), **opt_kwargs)
-        loss_scale = None
-        if ours and net_kwargs.get('use_fp16'): # train.py --fp16=1: the dynamic loss scale (the reference's is fixed)
-            from training.loss_scale import DynamicLossScale
-            loss_scale = DynamicLossScale(1, device=device)
         batch = batch or cfg['train_batch']
         images = torch.randn([batch, cfg['ch'], cfg['res'], cfg['res']], device=device)
         labels = torch.eye(cfg['label_dim'], device=device)[torch.randint(cfg['label_dim'], [batch], device=device)]
-        ema_beta = 0.999
-        def step(): # one training step as the training loops do it, with the EMA update
+        if ours:
+            train_step = _our_training_step(net, device, mode, batch, fast_paths, train_graphs, use_fp16=net_kwargs.get('use_fp16', False))
+        else:
+            train_step = _reference_training_step(net, batch, autocast_dtype=(torch.bfloat16 if mode == 'bf16' else None))
+        nimg = [0]
+        def step():
             if train_graphs and hasattr(torch.compiler, 'cudagraph_mark_step_begin'):
                 torch.compiler.cudagraph_mark_step_begin() # the previous step's graph outputs are free to reuse
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=(autocast_dtype is not None)):
-                loss = loss_fn(net=run_net, images=images, labels=labels)
-            loss.sum().mul((loss_scale.scale if loss_scale else 1) / batch).backward()
-            if loss_scale is not None:
-                loss_scale.step(optimizer, net.parameters())
-            else:
-                for param in net.parameters():
-                    if param.grad is not None:
-                        torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
-                optimizer.step()
-            with torch.no_grad():
-                if fast:
-                    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
-                else:
-                    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                        p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+            train_step(lambda: (images, labels), nimg[0])
+            nimg[0] += batch
         if is_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -223,6 +167,102 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
     if is_cuda:
         result['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
+
+#----------------------------------------------------------------------------
+# The code paths each checkout's scripts run: ours through training/generation.py
+# and training.training_loop.TrainingStep; the reference release's through its
+# generate.py (where its sampler lives) and the body of its training loop.
+
+def _our_sampling(net, device, mode, batch, steps, freeze, fast_paths):
+    """A call that samples seeds 0..batch-1 as generate.py does; returns uint8 images [N, H, W, C]."""
+    from training.generation import prepare_network, sample_batches
+    # fast: fp16 on CUDA (bf16's speed with 3 more mantissa bits), bf16 elsewhere (CPUs emulate fp16).
+    precision = {'fast': 'fp16' if device.type == 'cuda' else 'bf16'}.get(mode, mode)
+    sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'), freeze=freeze)
+    if not fast_paths: # before the first call, which compiles
+        from training import networks
+        networks.set_fast_paths(sampler_net.net, False) # a compiled wrapper holds the modules too
+    seeds = list(range(batch))
+    def sample():
+        ((_seeds, images),) = sample_batches(sampler_net, seeds, device, max_batch_size=batch, num_steps=steps)
+        return images
+    return sample
+
+def _reference_sampling(root, net, device, mode, batch, steps, cfg):
+    """The same for the reference release, as its generate.py samples (its sampler is defined there)."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location('reference_generate', os.path.join(root, 'generate.py'))
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    if mode == 'tf32':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if mode == 'bf16' else None
+    class RefSamplerNet: # the sampler sees the usual attributes; the call runs under autocast
+        def __getattr__(self, name):
+            return getattr(net, name)
+        def __call__(self, *args, **kwargs):
+            with torch.autocast(device.type, dtype=dtype, enabled=(dtype is not None)):
+                return net(*args, **kwargs)
+    def sample():
+        rnd = reference.StackedRandomGenerator(device, list(range(batch)))
+        latents = rnd.randn([batch, cfg['ch'], cfg['res'], cfg['res']], device=device)
+        labels = torch.eye(cfg['label_dim'], device=device)[rnd.randint(cfg['label_dim'], size=[batch], device=device)]
+        with torch.no_grad():
+            images = reference.edm_sampler(RefSamplerNet(), latents, labels, randn_like=rnd.randn_like, num_steps=steps)
+        return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return sample
+
+def _our_training_step(net, device, mode, batch, fast_paths, train_graphs, use_fp16):
+    """training_loop's TrainingStep for `net` as train.py sets it up in `mode` (bf16 and fast: --precision=bf16
+    [--compile=1]; fp16: --fp16=1 with the dynamic loss scale)."""
+    import torch
+    from training.loss import EDMLoss
+    from training.training_loop import TrainingStep, fused_adam_kwargs
+    fast = mode in ('bf16', 'fast')
+    net.train().requires_grad_(True)
+    if fast:
+        from training import networks
+        networks.set_fast_paths(net, fast_paths)
+    if mode == 'fast':
+        net = net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    train_net = torch.compile(net, mode=('reduce-overhead' if train_graphs else None)) if mode == 'fast' else net
+    opt_kwargs = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    if fast:
+        opt_kwargs.update(fused_adam_kwargs(dict(class_name='torch.optim.Adam'), device))
+    optimizer = torch.optim.Adam(net.parameters(), **opt_kwargs)
+    loss_scale = None
+    if use_fp16:
+        from training.loss_scale import DynamicLossScale
+        loss_scale = DynamicLossScale(1, device=device)
+    return TrainingStep(net=net, ema=ema, loss_fn=EDMLoss(), optimizer=optimizer, batch_size=batch, lr=1e-4,
+                        train_net=train_net, loss_scale=loss_scale, precision=('bf16' if fast else 'fp32'), fast=fast)
+
+def _reference_training_step(net, batch, autocast_dtype=None):
+    """One step of the reference release's training loop (gradients, Adam, EMA); bf16 mode: under autocast."""
+    import torch
+    from training.loss import EDMLoss
+    net.train().requires_grad_(True)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    loss_fn = EDMLoss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    ema_beta = 0.999
+    def step(next_batch, _cur_nimg):
+        optimizer.zero_grad(set_to_none=True)
+        images, labels = next_batch()
+        with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=(autocast_dtype is not None)):
+            loss = loss_fn(net=net, images=images, labels=labels)
+        loss.sum().mul(1 / batch).backward()
+        for param in net.parameters():
+            if param.grad is not None:
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+        optimizer.step()
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, ema_beta))
+    return step
 
 #----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ def psnr(a, b):
 
 def main(dir_a, dir_b):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from generate import read_image # pylint: disable=import-outside-toplevel
+    from training.image_io import read_image # pylint: disable=import-outside-toplevel
     names = sorted(os.path.relpath(p, dir_a) for p in glob.glob(os.path.join(dir_a, '**', '*.png'), recursive=True))
     if not names:
         sys.exit(f'no PNG files in {dir_a}')

@@ -11,7 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import example
 import generate
+from training import generation, image_io
 from conftest import ROOT, free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
 
 SEEDS = '0-4,1000'
@@ -176,8 +178,8 @@ def test_padded_batches_give_the_same_images():
     runs = {}
     for pad in [False, True]:
         sizes.clear()
-        sampler_net = generate.SamplerNet(net, 'cpu', pad_batches=pad)
-        runs[pad] = list(generate.sample_batches(sampler_net, list(range(5)), device, max_batch_size=2, num_steps=2))
+        sampler_net = generation.SamplerNet(net, 'cpu', pad_batches=pad)
+        runs[pad] = list(generation.sample_batches(sampler_net, list(range(5)), device, max_batch_size=2, num_steps=2))
         assert sorted(set(sizes)) == ([2] if pad else [1, 2])
     assert [seeds for seeds, _ in runs[True]] == [[0, 1], [2, 3], [4]]
     for (seeds_a, images_a), (seeds_b, images_b) in zip(runs[False], runs[True]):
@@ -186,8 +188,7 @@ def test_padded_batches_give_the_same_images():
 @pytest.mark.parametrize('precond', ['EDMPrecond', 'iDDPMPrecond'])
 @pytest.mark.parametrize('churn', [{}, dict(S_churn=40, S_min=0.05, S_max=50)], ids=['no-churn', 'churn'])
 def test_images_are_the_samplers_with_per_seed_noise(precond, churn):
-    # Without churn generate.py hands the sampler zeros for its noise rather than one draw per seed and step:
-    # the sampler's output must be the same, to the bit, as with the per-seed draws the spec gives.
+    # generate.py's images are edm_sampler's with the per-seed draws the spec gives (without churn, none are drawn).
     net = make_tiny_net(label_dim=LABEL_DIM, precond=precond)
     seeds = [0, 1, 1000]
     rnd = generate.StackedRandomGenerator('cpu', seeds)
@@ -196,13 +197,14 @@ def test_images_are_the_samplers_with_per_seed_noise(precond, churn):
     calls = []
     randn_like = lambda x: calls.append(1) or rnd.randn_like(x)
     expected = generate.edm_sampler(net, latents, labels, randn_like=randn_like, num_steps=6, **churn)
-    assert len(calls) == 6
+    assert len(calls) == (6 if churn else 0)
     other_noise = generate.edm_sampler(net, latents, labels, num_steps=6, **churn) # global draws: the same only without churn
     assert torch.equal(other_noise, expected) != bool(churn)
-    ((batch_seeds, images),) = generate.sample_batches(net, seeds, torch.device('cpu'), max_batch_size=3, num_steps=6, **churn)
-    assert batch_seeds == seeds and np.array_equal(images, generate.images_to_uint8(expected))
-    if not churn:
-        assert torch.equal(generate.edm_sampler(net, latents, labels, randn_like=torch.zeros_like, num_steps=6), expected)
+    ((batch_seeds, images),) = generation.sample_batches(net, seeds, torch.device('cpu'), max_batch_size=3, num_steps=6, **churn)
+    assert batch_seeds == seeds and np.array_equal(images, image_io.images_to_uint8(expected))
+    if not churn: # the same bits as per-seed draws that gamma = 0 multiplies by zero (a churn window without steps)
+        unused = dict(S_churn=40, S_min=1e6, S_max=2e6)
+        assert torch.equal(generate.edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=6, **unused), expected)
 
 def test_compile_close_to_eager(pkls, tmp_path):
     # torch.compile (inductor on the CPU) through the command line; 3 seeds in batches of 2 compile one shape.
@@ -223,10 +225,10 @@ def test_frozen_sampling_folds_the_weight_casts():
     x = torch.randn([4, 3, 8, 8], generator=torch.Generator().manual_seed(0))
     sigma, labels = torch.full([4], 2.0), torch.eye(LABEL_DIM)
     with torch.no_grad():
-        expected = generate.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'))(x, sigma, labels)
+        expected = generation.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'))(x, sigma, labels)
     kernels, outputs = {}, {}
     for freeze in [False, True]:
-        sampler_net = generate.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'), precision='bf16', use_compile=True)
+        sampler_net = generation.prepare_network(make_tiny_net(label_dim=LABEL_DIM), torch.device('cpu'), precision='bf16', use_compile=True)
         assert not sampler_net.freeze
         sampler_net.freeze = freeze # before the first call, which compiles
         torch._dynamo.reset()
@@ -327,3 +329,19 @@ def test_example_names_unreachable_url(tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.png')]
 
 #----------------------------------------------------------------------------
+
+def test_example_writes_the_samplers_grid(tmp_path):
+    # The first published name as a local pickle, the others absent: its grid holds edm_sampler's 8x8 images of
+    # one generator, row by row; then the first missing pickle is named in one line.
+    pkl, grid_name, sampler_kwargs = example.MODELS[0]
+    net = make_tiny_net(label_dim=LABEL_DIM)
+    write_network_pkl(tmp_path / pkl, net)
+    res = run_script(['example.py', f'--model-root={tmp_path}', '--device=cpu', f'--outdir={tmp_path}'], check=False)
+    assert res.returncode != 0 and 'Traceback' not in res.stderr
+    assert str(tmp_path / example.MODELS[1][0]) in res.stderr.strip().splitlines()[-1]
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn([64, 3, 8, 8], generator=gen)
+    labels = torch.eye(LABEL_DIM)[torch.randint(LABEL_DIM, size=[64], generator=gen)]
+    images = image_io.images_to_uint8(generate.edm_sampler(net, latents, labels, **sampler_kwargs))
+    expected = images.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(64, 64, 3)
+    np.testing.assert_array_equal(np.array(PIL.Image.open(tmp_path / grid_name)), expected)

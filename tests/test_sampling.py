@@ -177,13 +177,24 @@ def test_ablation_with_edm_choices_is_algorithm_2():
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-12)
 
 @pytest.mark.parametrize('sampler', ['edm', 'ablation'])
-def test_noise_drawn_at_every_step(sampler):
-    # randn_like is called once per step even without churn, so the per-seed noise stream stays aligned.
+@pytest.mark.parametrize('S_churn', [0, 30])
+def test_churn_noise_draws(sampler, S_churn):
+    # With churn, randn_like is called once per step, also outside [S_min, S_max], so the per-seed noise stream
+    # stays aligned. Without, edm_sampler draws nothing; ablation_sampler still draws (see its comment).
     net, latents, rnd = _gauss_net_and_latents()
     calls = []
     randn_like = lambda x: calls.append(1) or rnd.randn_like(x)
-    SAMPLERS[sampler](net, latents, randn_like=randn_like, num_steps=5)
-    assert len(calls) == 5
+    SAMPLERS[sampler](net, latents, randn_like=randn_like, num_steps=5, S_churn=S_churn, S_min=0.5, S_max=5)
+    assert len(calls) == (0 if sampler == 'edm' and S_churn == 0 else 5)
+
+def test_edm_sampler_without_churn_equals_unused_draws():
+    # gamma = 0 at every step whether S_churn = 0 (nothing drawn) or the churn window holds no step (drawn,
+    # multiplied by zero): the same images to the bit.
+    net, latents, rnd = _gauss_net_and_latents()
+    no_churn = edm_sampler(net, latents, randn_like=rnd.randn_like, num_steps=7)
+    unused = edm_sampler(net, latents, randn_like=rnd.randn_like, num_steps=7, S_churn=40, S_min=100, S_max=200)
+    assert torch.equal(no_churn, unused)
+    assert not torch.equal(no_churn, edm_sampler(net, latents, randn_like=rnd.randn_like, num_steps=7, S_churn=40))
 
 def test_invalid_arguments_raise_value_error():
     net, latents, _ = _gauss_net_and_latents()

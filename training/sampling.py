@@ -142,7 +142,7 @@ def edm_sampler(
     net,                            # Denoiser D(x, sigma, class_labels) with sigma_min, sigma_max, round_sigma().
     latents,                        # Initial noise [N, C, H, W] drawn from N(0, I).
     class_labels    = None,         # One-hot labels [N, label_dim], or None.
-    randn_like      = torch.randn_like, # Noise source for the churn; called once per step.
+    randn_like      = torch.randn_like, # Noise source for the churn; called once per step when S_churn > 0.
     num_steps       = 18,           # N; N = 1 is a single Euler step from sigma_max to 0.
     sigma_min       = 0.002,        # Lowest noise level (clamped to the network's range).
     sigma_max       = 80,           # Highest noise level (clamped to the network's range).
@@ -197,10 +197,11 @@ def edm_sampler(
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
         x_cur = x_next
 
-        # Increase noise temporarily; randn_like is drawn even when gamma = 0 to keep the noise stream per seed.
+        # Increase noise temporarily. With churn, randn_like is drawn at every step, also where gamma = 0, to keep
+        # the noise stream per seed; without, gamma = 0 and t_hat = t_i at every step, and nothing is drawn.
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_host[i] <= S_max else 0
         t_hat = net.round_sigma(t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur) if S_churn > 0 else x_cur
 
         # Euler step.
         denoised = denoise(x_hat, t_hat, t_host[i] if gamma == 0 else None)
@@ -318,7 +319,8 @@ def ablation_sampler(
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
         x_cur = x_next
 
-        # Increase noise temporarily; randn_like is drawn even when gamma = 0 to keep the noise stream per seed.
+        # Increase noise temporarily; randn_like is drawn at every step, also without churn: with the VP schedule,
+        # t_hat = sigma_inv(sigma(t_i)) can differ from t_i by round-off, and then even gamma = 0 adds a trace of it.
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma_host[i] <= S_max else 0
         t_hat = sigma_inv(net.round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
         x_hat = s(t_hat) / s(t_cur) * x_cur + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)

@@ -26,8 +26,8 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
-import generate # the image grid helpers
 from training import network_io, training_state
+from training.image_io import images_to_uint8, save_image_grid
 from training.loss_scale import DynamicLossScale
 from training.networks import set_fast_paths
 from training.phema import PowerFunctionEMA
@@ -444,7 +444,7 @@ def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS):
         class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[num_images], device=device)]
     with torch.no_grad():
         images = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
-    return generate.images_to_uint8(images)
+    return images_to_uint8(images)
 
 def _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device):
     """network-snapshot-NNNNNN.pkl (the EMA network, loss and augmentation) and samples-NNNNNN.png (a grid of
@@ -455,7 +455,7 @@ def _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device):
     training_state.write_file(training_state.snapshot_path(run_dir, cur_nimg), pickle.dump, data)
     grid_size = (8, 8) if device.type == 'cuda' else (4, 4)
     images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device)
-    generate.save_image_grid(images, training_state.samples_path(run_dir, cur_nimg), grid_size=grid_size)
+    save_image_grid(images, training_state.samples_path(run_dir, cur_nimg), grid_size=grid_size)
 
 def _save_state(run_dir, cur_nimg, step, data, progress):
     """training-state-NNNNNN.pt: what the reference writes (net, optimizer_state) plus what an exact continuation
