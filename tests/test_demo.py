@@ -35,8 +35,10 @@ def test_readme_first_command_generates_digits(tmp_path):
             assert image.mode == 'L' and image.size == (16, 16)
             pixels = np.asarray(image)
         assert pixels.std() > 20 # a digit on a dark background, not a flat image
+    # A 3x2 grid of cells upscaled --grid-scale times, the same number of white pixels apart.
+    scale = int(next((a.split('=')[1] for a in args if a.startswith('--grid-scale=')), 1))
     with PIL.Image.open(grid) as image:
-        assert image.size == (3 * 16, 2 * 16)
+        assert image.size == (3 * 16 * scale + 2 * scale, 2 * 16 * scale + scale)
     assert 'Wrote 6 images' in res.stdout
 
 
