@@ -4,6 +4,7 @@ the one used by the published EDM network pickles)."""
 
 import ast
 import copy
+import functools
 import inspect
 import io
 import pickle
@@ -184,11 +185,18 @@ def safe_classes():
 def _defines_class(src, class_name):
     """Does a module source define the class at its top level? Parsed, never executed; a source that
     does not parse is not run either, so only the class name counts then."""
+    names = _top_level_classes(src)
+    return names is None or class_name in names
+
+@functools.lru_cache(maxsize=16)
+def _top_level_classes(src):
+    """The names of the classes a module source defines at its top level (None if it does not parse); parsed
+    once per source, as every layer of a network pickle carries the same module source."""
     try:
         tree = ast.parse(src)
     except (SyntaxError, ValueError, TypeError):
-        return True
-    return any(isinstance(node, ast.ClassDef) and node.name == class_name for node in tree.body)
+        return None
+    return frozenset(node.name for node in tree.body if isinstance(node, ast.ClassDef))
 
 def _reconstruct_safe_obj(meta):
     """Rebuild a persistent object from this project's class of the same name, with the pickled state;
