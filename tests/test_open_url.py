@@ -113,10 +113,10 @@ def test_killed_download_is_removed_by_the_next(tmp_path):
         while not any(os.path.getsize(tmp_path / name) for name in os.listdir(tmp_path)) and time.time() < deadline:
             assert child.poll() is None
             time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
+        child.send_signal(signal.SIGKILL) # part or all of what the server sent is on disk
         child.wait()
     (stale,) = os.listdir(tmp_path)
-    assert stale.startswith('..download-') and f'-{child.pid}-' in stale and os.path.getsize(tmp_path / stale) == len(PAYLOAD)
+    assert stale.startswith('..download-') and f'-{child.pid}-' in stale and 0 < os.path.getsize(tmp_path / stale) <= len(PAYLOAD)
     live = stale.replace(f'-{child.pid}-', f'-{os.getpid()}-')
     other_host = '..download-elsewhere-1-' + '0' * 32 + '.tmp-00000000'
     for name in [live, other_host]:
