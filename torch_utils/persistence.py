@@ -103,30 +103,38 @@ def import_hook(hook):
 
 #----------------------------------------------------------------------------
 
-def _reconstruct_persistent_obj(meta):
-    """Hook called by pickle to rebuild a persistent object from its meta dict."""
+def _checked_meta(meta):
+    """The meta dict of a persistent object after the import hooks, checked for format version and type."""
     meta = dnnlib.EasyDict(meta)
     meta.state = dnnlib.EasyDict(meta.state)
     for hook in _import_hooks:
         meta = hook(meta)
         if meta is None:
             raise ValueError('a persistence import hook returned None')
+    if meta.get('version') != _version:
+        raise ValueError(f'unsupported persistence format version {meta.get("version")} (expected {_version})')
+    if meta.get('type') != 'class':
+        raise ValueError(f'unsupported persistent object type {meta.get("type")!r}')
+    return meta
 
-    if meta.version != _version:
-        raise ValueError(f'unsupported persistence format version {meta.version} (expected {_version})')
-    if meta.type != 'class':
-        raise ValueError(f'unsupported persistent object type {meta.type!r}')
+def _with_state(obj, state):
+    """obj (made with __new__) given its pickled state, as pickle would."""
+    setstate = getattr(obj, '__setstate__', None)
+    if callable(setstate):
+        setstate(state) # pylint: disable=not-callable
+    else:
+        obj.__dict__.update(state)
+    return obj
+
+def _reconstruct_persistent_obj(meta):
+    """Hook called by pickle to rebuild a persistent object from its meta dict."""
+    meta = _checked_meta(meta)
     module = _src_to_module(meta.module_src)
     orig_class = module.__dict__[meta.class_name]
     decorator_class = persistent_class(orig_class)
     obj = decorator_class.__new__(decorator_class)
 
-    setstate = getattr(obj, '__setstate__', None)
-    if callable(setstate):
-        setstate(meta.state) # pylint: disable=not-callable
-    else:
-        obj.__dict__.update(meta.state)
-    return obj
+    return _with_state(obj, meta.state)
 
 #----------------------------------------------------------------------------
 # Safe loading: unpickle without running code carried by the file.
@@ -201,25 +209,13 @@ def _top_level_classes(src):
 def _reconstruct_safe_obj(meta):
     """Rebuild a persistent object from this project's class of the same name, with the pickled state;
     the module source in `meta` is parsed to check that it defines the class, and never executed."""
-    meta = dnnlib.EasyDict(meta)
-    meta.state = dnnlib.EasyDict(meta.state)
-    for hook in _import_hooks:
-        meta = hook(meta)
-        if meta is None:
-            raise ValueError('a persistence import hook returned None')
-    if meta.get('version') != _version or meta.get('type') != 'class':
-        raise ValueError(f'unsupported persistence format version {meta.get("version")} or type {meta.get("type")!r}')
+    meta = _checked_meta(meta)
     cls = safe_classes().get(meta.class_name, None)
     if cls is None or not _defines_class(meta.module_src, meta.class_name):
         raise CodeNotAllowedError(f'it holds class {meta.class_name} of a module embedded in the pickle, not one of this project\'s classes'
                                   f' ({", ".join(SAFE_MODULES)}); loading it would run the code it carries')
     obj = cls.__new__(cls)
-    setstate = getattr(obj, '__setstate__', None)
-    if callable(setstate):
-        setstate(meta.state) # pylint: disable=not-callable
-    else:
-        obj.__dict__.update(meta.state)
-    return obj
+    return _with_state(obj, meta.state)
 
 def _load_from_bytes_safe(b):
     """torch.storage._load_from_bytes (a storage pickled by torch, i.e. a nested torch.save) with safe loading."""
