@@ -89,6 +89,23 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         if is_cuda:
             torch.cuda.synchronize(device)
 
+    def time_calls(call, warmup_calls):
+        """Seconds per call over `iters` calls, after `warmup_calls` (timed as result['warmup_sec'])."""
+        if is_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        outputs = [call() for _ in range(warmup_calls)]
+        sync()
+        result['warmup_sec'] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        sync()
+        seconds = (time.perf_counter() - t0) / iters
+        if profile:
+            write_profile(call, sync, device, profile)
+        return seconds, outputs[-1]
+
     # FLOPs of one forward pass per image (matmuls and convolutions, 2 per multiply-add).
     gflop = None
     try:
@@ -111,22 +128,10 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
             sample = _our_sampling(net, device, mode, batch, steps, freeze, fast_paths)
         else:
             sample = _reference_sampling(root, net, device, mode, batch, steps, cfg)
-        if is_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        images = sample() # warm-up (and compilation)
-        sync()
-        result['warmup_sec'] = time.perf_counter() - t0
+        seconds, images = time_calls(sample, warmup_calls=1) # warm-up (and compilation)
         if save_images:
             import numpy as np
             np.save(save_images, images)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            sample()
-        sync()
-        seconds = (time.perf_counter() - t0) / iters
-        if profile:
-            write_profile(sample, sync, device, profile)
         nfe = 2 * steps - 1
         result.update(batch=batch, nfe=nfe, images_per_sec=batch / seconds,
                       achieved_tflops=(gflop * nfe * batch / seconds / 1e3) if gflop else None)
@@ -148,19 +153,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
                 torch.compiler.cudagraph_mark_step_begin() # the previous step's graph outputs are free to reuse
             train_step(lambda: (images, labels), nimg[0])
             nimg[0] += batch
-        if is_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        step(); step() # warm-up (and compilation)
-        sync()
-        result['warmup_sec'] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        sync()
-        seconds = (time.perf_counter() - t0) / iters
-        if profile:
-            write_profile(step, sync, device, profile)
+        seconds, _ = time_calls(step, warmup_calls=2) # warm-up (and compilation)
         result.update(batch=batch, sec_per_kimg=seconds / batch * 1000,
                       achieved_tflops=(3 * gflop * batch / seconds / 1e3) if gflop else None)
 
