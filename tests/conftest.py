@@ -28,6 +28,15 @@ def sample_indices(numel, count=128):
     return np.unique(np.linspace(0, numel - 1, min(numel, count)).round().astype(np.int64))
 
 
+def single_thread():
+    """Generator for a fixture: torch uses one thread while it is active (tiny networks; many threads only contend)."""
+    import torch
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import example
 import generate
 from training import generation, image_io
-from conftest import ROOT, free_port, make_tiny_net, run_script, run_torchrun, subprocess_env, write_network_pkl
+from conftest import ROOT, free_port, make_tiny_net, run_script, run_torchrun, single_thread, subprocess_env, write_network_pkl
 
 SEEDS = '0-4,1000'
 SEED_LIST = [0, 1, 2, 3, 4, 1000]
@@ -23,13 +23,7 @@ FAST = ['--steps=2', '--device=cpu']
 
 #----------------------------------------------------------------------------
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """In-process runs use one thread, as the subprocesses do (tiny networks; many threads only contend)."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+one_thread = pytest.fixture(scope='module', autouse=True)(single_thread) # in-process runs use one thread, as the subprocesses do
 
 @pytest.fixture(scope='module')
 def pkls(tmp_path_factory):

@@ -21,19 +21,14 @@ from click.testing import CliRunner
 import dataset_tool
 import fid
 import generate
-from conftest import make_tiny_net, run_script, write_network_pkl
+from conftest import make_tiny_net, run_script, single_thread, write_network_pkl
 from training.dataset import ImageFolderDataset
 from training.sampling import edm_sampler, edm_sigma_steps
 
 #----------------------------------------------------------------------------
 # Helpers.
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+one_thread = pytest.fixture(scope='module', autouse=True)(single_thread)
 
 @pytest.fixture(scope='module')
 def net_pkl(tmp_path_factory):
