@@ -87,7 +87,7 @@ def test_fixture_names_shapes_and_constants(name):
     steps = net.M if isinstance(net, networks.iDDPMPrecond) else 4
     for key in ['sigma_min', 'sigma_max']:
         expected = meta[key]
-        tol = steps * np.finfo(np.float32).eps * (1 + expected ** -2) if 0 < expected < np.inf else 0
+        tol = float(steps * np.finfo(np.float32).eps * (1 + expected ** -2)) if 0 < expected < np.inf else 0
         assert getattr(net, key) == pytest.approx(expected, rel=tol, abs=0), key
 
 @pytest.mark.parametrize('name', NET_FIXTURES)

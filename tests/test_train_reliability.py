@@ -253,15 +253,13 @@ def test_fractional_ticks_show_loss_and_learning_rate(data, tmp_path):
     assert [float(t[7]) for t in ticks] == pytest.approx([0, 1e-3 * 504 / 1000, 1e-3 * 992 / 1000], rel=1e-2)
     assert os.path.basename(run_dirs(tmp_path)[0]).endswith('-cpu-batch8-fp32')
 
-def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+def test_cpu_threads_use_every_physical_core_unless_the_user_chose(monkeypatch):
     from torch_utils import misc # pylint: disable=import-outside-toplevel
     monkeypatch.setenv('OMP_NUM_THREADS', '3')
     assert misc.cpu_threads() is None # the user's choice stands
     monkeypatch.delenv('OMP_NUM_THREADS')
-    cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(os, 'getloadavg', lambda: (0.0, 0.0, 0.0))
-    assert 1 <= misc.cpu_threads() <= cores
-    monkeypatch.setattr(os, 'getloadavg', lambda: (cores + 5.0, 0.0, 0.0))
-    assert misc.cpu_threads() == 1
-    monkeypatch.setattr(os, 'getloadavg', lambda: (1.0, 0.0, 0.0)) # one other busy process
-    assert misc.cpu_threads() == max(1, min(cores, misc.psutil.cpu_count(logical=False) or cores) - 1)
+    usable = len(os.sched_getaffinity(0))
+    cores = min(usable, misc.psutil.cpu_count(logical=False) or usable)
+    assert misc.cpu_threads() == cores # however busy the machine is
+    assert misc.cpu_threads(num_processes=2) == max(1, cores // 2) # torchrun's local processes share them
+    assert misc.cpu_threads(num_processes=4 * cores) == 1

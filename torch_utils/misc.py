@@ -30,17 +30,16 @@ def choose_device(device=None):
     return device
 
 #----------------------------------------------------------------------------
-# CPU threads: as many as there are idle physical cores, so that a busy machine is not oversubscribed.
+# CPU threads: every physical core this process may use, unless the user chose (OMP_NUM_THREADS).
 
 def cpu_threads(num_processes=1):
-    """Threads per process for CPU work: the idle physical cores (this process may use; one-minute load average
-    subtracted) shared by `num_processes`, at least one. None when OMP_NUM_THREADS is set: the user chose."""
+    """Threads per process for CPU work: the physical cores this process may use, shared by the `num_processes`
+    local processes, at least one. None when OMP_NUM_THREADS is set: the user chose."""
     if os.environ.get('OMP_NUM_THREADS'):
         return None
     usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     cores = min(usable, psutil.cpu_count(logical=False) or usable)
-    busy = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0
-    return max(1, int(cores - round(busy)) // max(num_processes, 1))
+    return max(1, cores // max(num_processes, 1))
 
 def set_cpu_threads(num_processes=1):
     """torch.set_num_threads(cpu_threads(...)) unless OMP_NUM_THREADS is set; returns the thread count in use."""
