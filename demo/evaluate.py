@@ -87,9 +87,12 @@ def sample_digits(net, num, steps, device, batch=250, **guidance_kwargs):
 @click.option('--allow-code', help='Load pickles that name code other than ours (runs the code they carry)', is_flag=True)
 def main(network_pkl, num, steps, device, guidance, gnet_pkl, guidance_interval, allow_code):
     """Classifier accuracy, diversity and Frechet distance of class-conditional samples."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.svm import SVC
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        from sklearn.svm import SVC
+    except ImportError:
+        raise click.ClickException('demo/evaluate.py needs scikit-learn (pip install scikit-learn)') from None
 
     try:
         device = choose_device(device)

@@ -22,7 +22,10 @@ from dnnlib.util import atomic_path # pylint: disable=wrong-import-position
 
 def load_digits_uint8():
     """The scikit-learn digits as uint8 images [N, 8, 8] (0..16 mapped to 0..255) and int labels [N]."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise click.ClickException('demo/export_digits.py needs scikit-learn (pip install scikit-learn)') from None
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)
     return images, digits.target.astype(np.int64)

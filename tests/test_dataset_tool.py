@@ -174,7 +174,7 @@ def test_folder_with_partial_dataset_json_is_an_error(tmp_path):
     assert not os.path.exists(tmp_path / 'out.zip')
 
 def test_lsun_lmdb(tmp_path):
-    lmdb = pytest.importorskip('lmdb')
+    import lmdb # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(5)
     rgb, gray = random_image(rng, 8, 8), random_image(rng, 8, 8, channels=1)
     buf = io.BytesIO()

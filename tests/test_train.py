@@ -152,8 +152,6 @@ def test_snapshot_holds_ema_loss_augment_and_dataset(baseline):
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
 
 def test_snapshot_samples_with_generate(baseline, tmp_path):
-    if not os.path.isfile(os.path.join(ROOT, 'generate.py')):
-        pytest.skip('generate.py is not present')
     run_script(['generate.py', f'--network={os.path.join(baseline["run_dir"], "network-snapshot-000002.pkl")}',
                 f'--outdir={tmp_path}', '--seeds=0-1', '--steps=4', '--device=cpu'])
     images = sorted(glob.glob(os.path.join(str(tmp_path), '*.png')))

@@ -4,7 +4,6 @@ plot and as TensorBoard events, and continuing a stopped run with one
 command: the same command again, or the command printed at the stop."""
 
 import glob
-import importlib.util
 import io
 import json
 import os
@@ -39,8 +38,6 @@ def data(tmp_path_factory):
     return str(path)
 
 TINY = ['--cond=1', '--cbase=8', '--cres=1,2', '--batch=32', '--tick=1', '--snap=1', '--dump=1', '--augment=0', '--workers=0', '--device=cpu']
-HAS_TENSORBOARD = importlib.util.find_spec('tensorboard') is not None
-HAS_MATPLOTLIB = importlib.util.find_spec('matplotlib') is not None
 
 def train_args(outdir, data_path, *extra):
     return ['train.py', f'--outdir={outdir}', f'--data={data_path}'] + TINY + list(extra)
@@ -83,7 +80,7 @@ def start_and_interrupt(args, signum=signal.SIGINT):
 def run(data, tmp_path_factory):
     """One uninterrupted 2-kimg run, seed 0 (with TensorBoard events where the package is installed)."""
     outdir = tmp_path_factory.mktemp('run')
-    res = run_script(train_args(outdir, data, '--duration=0.002', '--seed=0', *(['--tensorboard'] if HAS_TENSORBOARD else [])))
+    res = run_script(train_args(outdir, data, '--duration=0.002', '--seed=0', '--tensorboard'))
     (run_dir,) = run_dirs(outdir)
     return dict(run_dir=run_dir, stdout=res.stdout)
 
@@ -110,7 +107,6 @@ def test_stats_jsonl_holds_one_line_per_tick_with_the_documented_keys(run):
     assert stats[1]['Loss/loss']['num'] == 32 * 32 * 3 * 8 * 8 # tick 1 (32 to 1056 images): 32 steps of 32 images, per pixel
     assert stats[0]['timestamp'] < stats[-1]['timestamp']
 
-@pytest.mark.skipif(not HAS_MATPLOTLIB, reason='matplotlib is not installed')
 def test_plot_stats_draws_a_png(run, tmp_path):
     dest = tmp_path / 'plot.png'
     res = run_script(['plot_stats.py', f'--run={run["run_dir"]}', f'--dest={dest}'])
@@ -128,12 +124,9 @@ def test_plot_stats_without_matplotlib_says_so(run, tmp_path):
     assert res.stderr.strip().splitlines() == ['Error: plot_stats.py needs matplotlib (pip install matplotlib)']
 
 def test_plot_stats_of_a_folder_without_stats(tmp_path):
-    if not HAS_MATPLOTLIB:
-        pytest.skip('matplotlib is not installed')
     res = run_script(['plot_stats.py', f'--run={tmp_path}'], check=False)
     assert res.returncode == 1 and 'stats.jsonl not found' in res.stderr
 
-@pytest.mark.skipif(not HAS_TENSORBOARD, reason='tensorboard is not installed')
 def test_tensorboard_events_hold_the_stats_jsonl_scalars(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator # pylint: disable=import-outside-toplevel
     events = EventAccumulator(run['run_dir'])

@@ -120,7 +120,7 @@ def test_fid_calc_network_rejects_the_same_options(net_pkl, tmp_path, options, e
 def test_small_rho_gives_the_exact_steps():
     # rho = 0.001 overflows sigma_max^(1/rho) = 80^1000 in float64, and below about 0.3 sigma_min^(1/rho) vanishes
     # beside it; the steps must still follow eq. 5, here evaluated with 5000 decimal digits (80^1000 has 1904).
-    mpmath = pytest.importorskip('mpmath') # installed with torch (through sympy)
+    import mpmath # pylint: disable=import-outside-toplevel
     with mpmath.workdps(5000):
         for rho in [0.001, 0.01, 0.1, 0.5, 3, 7]:
             steps = edm_sigma_steps(6, 0.002, 80, rho).tolist()
