@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import phema, training_loop
+from training import phema, training_loop, training_state
 
 #----------------------------------------------------------------------------
 # Presets: network architectures and preconditioning/loss pairs.
@@ -31,8 +31,6 @@ PRECONDITIONERS = { # --precond => (network class, loss class)
     've':  ('training.networks.VEPrecond',  'training.loss.VELoss'),
     'edm': ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
 }
-
-STATE_DUMP_RE = re.compile(r'training-state-(\d+)\.pt')
 
 #----------------------------------------------------------------------------
 
@@ -125,14 +123,14 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
     elif opts.resume is not None:
-        match = STATE_DUMP_RE.fullmatch(os.path.basename(opts.resume))
+        match = training_state.STATE_NAME_RE.fullmatch(os.path.basename(opts.resume))
         if not match:
             raise ValueError(f'--resume must name a training-state-NNNNNN.pt file of a previous run, not {opts.resume}')
         check_readable(opts.resume, '--resume')
-        resume_pkl = os.path.join(os.path.dirname(opts.resume), f'network-snapshot-{match.group(1)}.pkl')
+        resume_pkl = training_state.snapshot_path(os.path.dirname(opts.resume), match.group(1))
         if os.path.isfile(resume_pkl):
             c.resume_pkl = resume_pkl
-        c.resume_kimg = int(match.group(1))
+        c.resume_kimg = training_state.label_kimg(match.group(1))
         c.resume_state_dump = opts.resume
 
     # Description string.
@@ -192,7 +190,7 @@ def pick_run_dir(outdir, desc, nosubdir=False):
     cur_id = max(prev_ids, default=-1) + 1
     return os.path.join(outdir, f'{cur_id:05d}-{desc}')
 
-RUN_FILES = re.compile(r'training_options\.json|network-snapshot-\d+\.pkl|training-state-\d+\.pt')
+RUN_FILES = re.compile(r'training_options\.json|network-snapshot-[\d.]+\.pkl|training-state-[\d.]+\.pt')
 
 def holds_run(folder):
     """True when `folder` holds the files of a training run."""
@@ -273,12 +271,9 @@ def read_options(run_dir):
     return options if isinstance(options, dict) else None
 
 def latest_state(run_dir):
-    """(path, kimg) of the run's newest training-state-NNNNNN.pt, or (None, None)."""
-    states = [(int(m.group(1)), name) for name in os.listdir(run_dir) for m in [STATE_DUMP_RE.fullmatch(name)] if m]
-    if not states:
-        return None, None
-    kimg, name = max(states)
-    return os.path.join(run_dir, name), kimg
+    """(path, kimg) of the run's newest training state, or (None, None)."""
+    path, label = training_state.latest_state(run_dir)
+    return path, (training_state.label_kimg(label) if label is not None else None)
 
 def run_folders(outdir):
     """The numbered run folders in outdir, newest (highest id) first."""
@@ -344,7 +339,7 @@ def resume_config(run_dir, recorded, opts, given):
         c.total_kimg = max(int(opts.duration * 1000), 1)
     if opts.tensorboard or recorded.get('tensorboard'):
         c.tensorboard = True
-    snapshot = os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl')
+    snapshot = training_state.snapshot_path(run_dir, os.path.basename(state)[len('training-state-'):-len('.pt')])
     if os.path.isfile(snapshot):
         c.resume_pkl = snapshot
     c.update(resume_state_dump=state, resume_kimg=kimg)
@@ -512,7 +507,7 @@ def main(**kwargs):
     dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
     dist.print0(f'Network architecture:    {opts.arch}')
     dist.print0(f'Preconditioning & loss:  {opts.precond}')
-    dist.print0(f'Number of GPUs:          {dist.get_world_size()}')
+    dist.print0(f'Number of {"GPUs:     " if device.type == "cuda" else "processes:"}     {dist.get_world_size()}')
     dist.print0(f'Batch size:              {c.batch_size}')
     dist.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
     dist.print0(f'Device:                  {device}')
@@ -541,12 +536,26 @@ def main(**kwargs):
         except OSError as err:
             raise click.ClickException(f'cannot create the output directory {c.run_dir} (--outdir): {err.strerror or err}') from None
 
-    # Train.
+    # Train. A --resume that fails before the first tick (a truncated, empty or wrong file) leaves no new folder.
     try:
         run_training(c, device, opts)
+    except BaseException:
+        if logger is not None and c.get('resume_state_dump') is not None:
+            logger.close()
+            logger = None
+            remove_unstarted_run(c.run_dir)
+        raise
     finally:
         if logger is not None:
             logger.close()
+
+def remove_unstarted_run(run_dir):
+    """Remove a run folder that holds nothing but what train.py wrote before training (options, log)."""
+    names = set(os.listdir(run_dir))
+    if names <= {'training_options.json', 'log.txt'}:
+        for name in names:
+            os.remove(os.path.join(run_dir, name))
+        os.rmdir(run_dir)
 
 def continue_run(c, run_dir, opts, device):
     """Train `c` in its run folder, appending to log.txt and stats.jsonl; training_options.json records the

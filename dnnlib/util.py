@@ -7,6 +7,7 @@ import glob
 import hashlib
 import importlib
 import inspect
+import io
 import os
 import pickle
 import re
@@ -53,6 +54,7 @@ class Logger(object):
         if file_name is not None:
             self.file = open(file_name, file_mode)
         self.should_flush = should_flush
+        self.console_lost = False
         self.stdout = sys.stdout
         self.stderr = sys.stderr
         sys.stdout = self
@@ -69,16 +71,32 @@ class Logger(object):
             text = text.decode()
         if len(text) == 0: # workaround for a bug in VSCode debugger: sys.stdout.write(''); sys.stdout.flush() => crash
             return
-        self.stdout.write(text)
+        self._to_console(self.stdout.write, text)
         if self.file is not None:
             self._to_file(self.file.write, text)
         if self.should_flush:
             self.flush()
 
     def flush(self) -> None:
-        self.stdout.flush()
+        self._to_console(self.stdout.flush)
         if self.file is not None:
             self._to_file(self.file.flush)
+
+    def _to_console(self, op, *args) -> None:
+        """op(*args) on the console; a closed one (a pipe whose reader has quit: `train.py | tee log`, then Ctrl-C)
+        is dropped, and the log file keeps everything."""
+        if self.console_lost:
+            return
+        try:
+            op(*args)
+        except (OSError, ValueError): # BrokenPipeError; ValueError: I/O operation on closed file
+            self.console_lost = True
+            try: # later writes to the console, and the interpreter's flush at exit, go nowhere instead of failing
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+                pass
 
     def _to_file(self, op, *args) -> None:
         """op(*args) on the log file; when it fails (a full disk), stop teeing and raise an OSError naming the file."""

@@ -88,12 +88,13 @@ def test_each_snapshot_has_a_sample_grid_of_generate_images(run, tmp_path):
     for kimg in range(3):
         assert os.path.isfile(os.path.join(run['run_dir'], f'samples-{kimg:06d}.png'))
     grid = np.asarray(PIL.Image.open(os.path.join(run['run_dir'], 'samples-000002.png')))
-    assert grid.shape == (4 * 8, 4 * 8, 3) # 4x4 cells of 8x8 on the CPU
+    assert grid.shape == (4 * 9 - 1, 4 * 9 - 1, 3) # 4x4 cells of 8x8 on the CPU, one white pixel apart (as generate.py --grid)
+    assert (grid[8::9] == 255).all() and (grid[:, 8::9] == 255).all()
     # The cells are generate.py's images of seeds 0-15 (labels drawn per seed) at 16 steps, row by row.
     run_script(['generate.py', f'--network={os.path.join(run["run_dir"], "network-snapshot-000002.pkl")}', f'--outdir={tmp_path}',
                 '--seeds=0-15', '--steps=16', '--batch=16', '--device=cpu'])
     for seed in range(16):
-        cell = grid[(seed // 4) * 8:(seed // 4 + 1) * 8, (seed % 4) * 8:(seed % 4 + 1) * 8]
+        cell = grid[(seed // 4) * 9:(seed // 4) * 9 + 8, (seed % 4) * 9:(seed % 4) * 9 + 8]
         image = np.asarray(PIL.Image.open(tmp_path / f'{seed:06d}.png'))
         assert np.abs(cell.astype(int) - image.astype(int)).max() <= 1, seed
     assert len(np.unique(grid.reshape(-1, 3), axis=0)) > 16 # images, not a blank grid
@@ -155,7 +156,7 @@ def test_sigint_then_the_same_command_continues_the_run_exactly(run, data, tmp_p
     assert_same_state(os.path.join(run_dir, 'training-state-000002.pt'), os.path.join(run['run_dir'], 'training-state-000002.pt'))
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         options = json.load(f)
-    assert options['resume_state_dump'] == state_path and options['resume_kimg'] == int(os.path.basename(state_path)[15:21])
+    assert options['resume_state_dump'] == state_path and options['resume_kimg'] == torch.load(state_path, weights_only=False)['cur_nimg'] / 1000
     with open(os.path.join(run_dir, 'log.txt')) as f:
         log = f.read()
     assert log.count('Training for 2 kimg') == 2 and 'Stopped at' in log # appended

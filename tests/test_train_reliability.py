@@ -207,6 +207,20 @@ def test_refused_commands_create_no_folder(case, finished, data, tmp_path):
         assert not os.path.exists(outdir)
     assert not glob.glob(str(tmp_path / '*escape*'))
 
+@pytest.mark.parametrize('case', ['truncated', 'empty', 'network-pickle'])
+def test_failed_resume_leaves_no_run_folder(case, finished, data, tmp_path):
+    with open(os.path.join(finished, 'training-state-000001.pt'), 'rb') as f:
+        state = f.read()
+    with open(os.path.join(finished, 'network-snapshot-000001.pkl'), 'rb') as f:
+        snapshot = f.read()
+    resume = tmp_path / 'training-state-000000.pt' # kimg 0: the run would train
+    resume.write_bytes({'truncated': state[:len(state) // 2], 'empty': b'', 'network-pickle': snapshot}[case])
+    outdir = tmp_path / 'runs'
+    res = run_script(train_args(outdir, data['good'], '--duration=0.002', '--workers=0', f'--resume={resume}'), check=False)
+    assert res.returncode != 0 and 'Traceback' not in res.stderr, res.stderr
+    assert len(error_lines(res.stderr)) == 1 and str(resume) in error_lines(res.stderr)[0], res.stderr
+    assert not os.listdir(outdir)
+
 #----------------------------------------------------------------------------
 # D. A full disk: one line naming the file, no temporary left behind.
 
@@ -263,3 +277,58 @@ def test_cpu_threads_use_every_physical_core_unless_the_user_chose(monkeypatch):
     assert misc.cpu_threads() == cores # however busy the machine is
     assert misc.cpu_threads(num_processes=2) == max(1, cores // 2) # torchrun's local processes share them
     assert misc.cpu_threads(num_processes=4 * cores) == 1
+
+#----------------------------------------------------------------------------
+# A console that goes away (`train.py | tee log`, then Ctrl-C stops tee too) loses nothing.
+
+@pytest.mark.parametrize('way_out', ['sigint', 'end'])
+def test_a_closed_console_stops_no_save_and_log_txt_keeps_everything(data, tmp_path, way_out):
+    duration = {'sigint': '--duration=1', 'end': '--duration=0.001'}[way_out] # 1 kimg: 125 steps
+    args = train_args(tmp_path / 'runs', data['good'], duration, '--snap=1000', '--dump=1000', '--workers=0')
+    with open(tmp_path / 'stderr.txt', 'w') as stderr:
+        proc = subprocess.Popen([sys.executable] + args, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=stderr, text=True)
+        for line in proc.stdout:
+            if line.startswith('tick 0 '):
+                break
+        proc.stdout.close() # the reader quits: every later write to stdout is a broken pipe
+        if way_out == 'sigint':
+            proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    assert proc.returncode == 0, (tmp_path / 'stderr.txt').read_text()
+    (run_dir,) = run_dirs(tmp_path / 'runs')
+    with open(os.path.join(run_dir, 'log.txt')) as f:
+        log = f.read()
+    ticks = [line for line in log.splitlines() if line.startswith('tick ')]
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert len(ticks) == len(stats) == 2 and 'Exiting...' in log
+    cur_nimg = round(stats[-1]['Progress/kimg']['mean'] * 1000)
+    label = f'{cur_nimg // 1000:06d}' + ('' if cur_nimg % 1000 == 0 else f'.{cur_nimg % 1000:03d}') # a stop within a kimg: exact
+    names = os.listdir(run_dir)
+    assert sorted(name for name in names if name.startswith(('training-state-', 'network-snapshot-'))) == \
+        sorted(['network-snapshot-000000.pkl', f'network-snapshot-{label}.pkl', f'training-state-{label}.pt']) # tick 0; the stop or the end
+    if way_out == 'sigint':
+        assert f'Stopped at {cur_nimg} images' in log and 0 < cur_nimg < 1000
+    else:
+        assert cur_nimg == 1000
+
+#----------------------------------------------------------------------------
+# Fractional ticks: every snapshot, grid and state keeps its own name; a resume continues ticks and time.
+
+def test_fractional_ticks_keep_every_file_and_resume_continues_ticks_and_time(data, tmp_path):
+    # --tick=0.25 with batch 8: ticks 0-4 at 8, 256, 504, 752, 1000 images; whole-kimg names would give 000000 four times.
+    run_script(train_args(tmp_path, data['good'], '--duration=0.001', '--tick=0.25', '--snap=1', '--dump=1', '--workers=0'))
+    (run_dir,) = run_dirs(tmp_path)
+    labels = ['000000.008', '000000.256', '000000.504', '000000.752', '000001.000']
+    names = set(os.listdir(run_dir))
+    assert {f'network-snapshot-{label}.pkl' for label in labels} <= names
+    assert {f'samples-{label}.png' for label in labels} <= names
+    assert {f'training-state-{label}.pt' for label in labels[1:]} <= names # no state at tick 0
+    assert torch.load(os.path.join(run_dir, 'training-state-000000.504.pt'), weights_only=False)['cur_nimg'] == 504
+    # The same run continued to 2 kimg: from the newest state (1000 images), ticks 5-8, the time goes on.
+    res = run_script(['train.py', f'--resume={run_dir}', '--duration=0.002'])
+    assert 'from ' + os.path.join(run_dir, 'training-state-000001.000.pt') in res.stdout
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert [line['Progress/tick']['mean'] for line in stats] == list(range(9))
+    total_sec = [line['Timing/total_sec']['mean'] for line in stats]
+    assert total_sec == sorted(total_sec) and total_sec[5] >= total_sec[4] + stats[5]['Timing/sec_per_tick']['mean']
+    assert 'network-snapshot-000002.000.pkl' in os.listdir(run_dir)

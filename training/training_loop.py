@@ -4,9 +4,10 @@ state dumps and exact resumption.
 training_loop() tells the story: set up (numerics, batch split, resume state,
 data, network), then TrainingStep (accumulation rounds, optimizer step with
 the loss scale, EMA update) until done, with maintenance once per tick
-(_report_tick, _save_snapshot with its sample grid, _save_state,
-_update_logs). Stop requests, random generator states and the run's files
-are in training/training_state.py."""
+(_report_tick, _save_snapshot with its sample grid, the state dump,
+_update_logs). What the training state holds, how it is written and how a run
+resumes from it: training/training_state.py; stop requests:
+training/stop_request.py."""
 
 import atexit
 import copy
@@ -24,14 +25,15 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from torch_utils import persistence
 from torch_utils import training_stats
-from training import network_io, training_state
+from training import training_state
 from training.image_io import images_to_uint8, save_image_grid
 from training.loss_scale import DynamicLossScale
 from training.networks import set_fast_paths
 from training.phema import PowerFunctionEMA
 from training.sampling import edm_sampler, StackedRandomGenerator
+from training.stop_request import StopRequest, agree_to_stop
+from training.training_state import load_state_dump # pylint: disable=unused-import # also importable from here
 
 #----------------------------------------------------------------------------
 # Out-of-memory errors of every supported torch version.
@@ -107,43 +109,7 @@ def fused_adam_kwargs(optimizer_kwargs, device):
     return dict(fused=True)
 
 #----------------------------------------------------------------------------
-# Files.
-
-def load_state_dump(path, allow_code=False):
-    """Load a training-state-NNNNNN.pt written by us or by the reference release.
-
-    These files hold whole pickled modules: they are unpickled with the safe
-    loader of torch_utils.persistence (our classes, tensors, arrays), or in
-    full with allow_code=True.
-    """
-    try:
-        with open(path, 'rb') as f:
-            data = persistence.torch_load(f, allow_code=allow_code)
-    except persistence.CodeNotAllowedError as err:
-        raise ValueError(persistence.refused_message(path, err)) from None
-    except FileNotFoundError:
-        raise FileNotFoundError(f'training state not found: {path}') from None
-    except (RuntimeError, *dnnlib.util.UNPICKLING_ERRORS) as err:
-        raise ValueError(f'{path} is not a readable training state ({type(err).__name__}: {err})') from None
-    if not isinstance(data, dict) or 'net' not in data or 'optimizer_state' not in data:
-        raise ValueError(f'{path} is not a training state: it lacks the "net" and "optimizer_state" entries')
-    return data
-
-def _copy_by_name(src_module, dst_module, source_name):
-    """Copy parameters and buffers by name (not all required); say which names the source lacks."""
-    src_names = {name for name, _ in misc.named_params_and_buffers(src_module)}
-    dst_names = [name for name, _ in misc.named_params_and_buffers(dst_module)]
-    missing = [name for name in dst_names if name not in src_names]
-    if len(missing) == len(dst_names):
-        raise ValueError(f'{source_name}: the network shares no parameter names with the one being trained '
-                         f'(e.g. {", ".join(dst_names[:3])})')
-    if missing:
-        dist.print0(f'{source_name} lacks {len(missing)} of {len(dst_names)} parameters/buffers, kept as initialised: '
-                    + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else ''))
-    try:
-        misc.copy_params_and_buffers(src_module=src_module, dst_module=dst_module, require_all=False)
-    except ValueError as err:
-        raise ValueError(f'{source_name}: {err}') from None
+# Network snapshots.
 
 def _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency=False):
     """What a network snapshot holds: the faithful EMA network, loss and augmentation (copies, eval, on the CPU)."""
@@ -159,14 +125,17 @@ def _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency
         del value # conserve memory
     return data
 
-def _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg, loss_kwargs, augment_kwargs, dataset_kwargs):
+def _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg, kwargs):
     """Resuming a state that already reaches total_kimg trains nothing; a run stopped between its last state dump and
-    its last snapshot gets that snapshot, from the state's EMA (the network it would have held)."""
-    snapshot_path = training_state.snapshot_path(run_dir, cur_nimg) if run_dir is not None else None
+    its last snapshot gets that snapshot, from the state's EMA (the network it would have held). `kwargs` holds
+    loss_kwargs, augment_kwargs and dataset_kwargs."""
+    label = os.path.basename(resume_state_dump)[len('training-state-'):-len('.pt')]
+    snapshot_path = training_state.snapshot_path(run_dir, label) if run_dir is not None else None
     if snapshot_path is not None and not os.path.isfile(snapshot_path) and state.get('ema') is not None:
-        loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+        loss_fn = dnnlib.util.construct_class_by_name(**kwargs['loss_kwargs'])
+        augment_kwargs = kwargs['augment_kwargs']
         augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-        training_state.write_file(snapshot_path, pickle.dump, _snapshot_data(state['ema'], loss_fn, augment_pipe, dataset_kwargs))
+        training_state.write_file(snapshot_path, pickle.dump, _snapshot_data(state['ema'], loss_fn, augment_pipe, kwargs['dataset_kwargs']))
         dist.print0(f'Wrote the missing final snapshot {snapshot_path}')
     dist.print0(f'Training is already complete: {resume_state_dump} is at {cur_nimg / 1000:g} kimg of {total_kimg} kimg (--duration); nothing to train.')
 
@@ -294,20 +263,6 @@ def _split_batch(batch_size, batch_gpu, world_size):
         raise ValueError(f'batch size {batch_size} is not divisible by {world_size} GPUs x {batch_gpu} images per GPU (--batch-gpu)')
     return batch_gpu, num_accumulation_rounds
 
-def _read_resume_state(resume_state_dump, resume_kimg, seed, batch_size, allow_code=False):
-    """(state or None, cur_nimg, the data order's seed), read before anything else: the state decides the data order."""
-    if resume_state_dump is None:
-        return None, resume_kimg * 1000, seed
-    dist.print0(f'Loading training state from "{resume_state_dump}"...')
-    state = load_state_dump(resume_state_dump, allow_code=allow_code)
-    if 'cur_nimg' not in state: # the reference's layout: progress from the file name
-        return state, resume_kimg * 1000, seed
-    world_size = dist.get_world_size()
-    if state.get('batch_size', batch_size) != batch_size or state.get('world_size', world_size) != world_size:
-        dist.print0(f'Note: the state was saved with batch {state.get("batch_size")} on {state.get("world_size")} GPUs; '
-                    f'resuming with batch {batch_size} on {world_size} GPUs does not repeat the original run exactly.')
-    return state, int(state['cur_nimg']), int(state.get('sampler_seed', seed))
-
 def _open_data(dataset_kwargs, data_loader_kwargs, state, sampler_seed, cur_nimg, batch_gpu, device):
     """The dataset, its sampler (continuing the state's data order) and the data loader's iterator."""
     dist.print0('Loading dataset...')
@@ -365,61 +320,25 @@ def _build_network(network_kwargs, dataset_obj, device, fast, compile, batch_gpu
             raise MemoryError(_oom_message(batch_gpu, num_accumulation_rounds)) from None
     return net
 
-def _resume_weights(step, resume_pkl, state, resume_state_dump, allow_code=False):
-    """Network, EMA, optimizer and loss scale from the snapshot and the training state."""
-    if resume_pkl is not None:
-        dist.print0(f'Loading network weights from "{resume_pkl}"...')
-        source = dist.rank0_first(lambda: network_io.load_network_pkl(resume_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
-        _copy_by_name(source, step.net, resume_pkl)
-        _copy_by_name(source, step.ema, resume_pkl)
-        del source
-    if state is None:
-        return
-    if state.get('ema') is None and resume_pkl is None:
-        raise ValueError(f'{resume_state_dump} holds no EMA, and there is no network snapshot to take it from: '
-                         f'put the run\'s network-snapshot-NNNNNN.pkl of the same kimg beside it')
-    try:
-        misc.copy_params_and_buffers(src_module=state['net'], dst_module=step.net, require_all=True)
-        if state.get('ema') is not None:
-            misc.copy_params_and_buffers(src_module=state['ema'], dst_module=step.ema, require_all=True)
-    except ValueError as err:
-        raise ValueError(f'{resume_state_dump}: {err}') from None
-    step.optimizer.load_state_dict(state['optimizer_state'])
-    if step.loss_scale is not None and state.get('loss_scale') is not None:
-        step.loss_scale.load_state_dict(state['loss_scale'])
-
-def _resume_progress(state, cur_nimg, device):
-    """(cur_tick, tick_start_nimg) of an interrupted run, whose random streams continue."""
-    if state is None or 'cur_nimg' not in state:
-        return 0, cur_nimg
-    rng_states = state.get('rng_states')
-    if rng_states is not None and len(rng_states) == dist.get_world_size():
-        training_state.set_rng_state(rng_states[dist.get_rank()], device)
-    else:
-        dist.print0('Note: the state holds no random generator state for this number of GPUs; new random streams are used.')
-    return int(state.get('cur_tick', 0)), int(state.get('tick_start_nimg', cur_nimg))
-
 #----------------------------------------------------------------------------
 # Maintenance, once per tick: status line, snapshot, sample grid, state dump, logs.
 
-def _report_tick(cur_tick, cur_nimg, tick_start_nimg, mean_loss, lr, times, device, kimg_digits):
-    """Print the status line, reporting the same values to training_stats."""
-    start_time, tick_start_time, tick_end_time, maintenance_time = times
+def _report_tick(progress, mean_loss, lr, device, kimg_digits):
+    """Print the status line, reporting the same values to training_stats (GPU memory on CUDA only)."""
+    p = progress
     fields = []
-    fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-    fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.{kimg_digits}f}"]
+    fields += [f"tick {training_stats.report0('Progress/tick', p.cur_tick):<5d}"]
+    fields += [f"kimg {training_stats.report0('Progress/kimg', p.cur_nimg / 1e3):<9.{kimg_digits}f}"]
     fields += [f"loss {mean_loss:<8.4f}"]
     fields += [f"lr {training_stats.report0('Progress/lr', lr):<9.3g}"]
-    fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-    fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-    fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
-    fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
+    fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', p.total_sec())):<12s}"]
+    fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', p.tick_sec()):<7.1f}"]
+    fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', p.tick_sec() / max(p.cur_nimg - p.tick_start_nimg, 1) * 1e3):<7.2f}"]
+    fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', p.maintenance_sec):<6.1f}"]
     fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
-    gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0
-    gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0
-    fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem):<6.2f}"]
-    fields += [f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved):<6.2f}"]
     if device.type == 'cuda':
+        fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30):<6.2f}"]
+        fields += [f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', torch.cuda.max_memory_reserved(device) / 2**30):<6.2f}"]
         torch.cuda.reset_peak_memory_stats(device)
     dist.print0(' '.join(fields), flush=True)
 
@@ -446,35 +365,16 @@ def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS):
         images = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
     return images_to_uint8(images)
 
-def _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device):
-    """network-snapshot-NNNNNN.pkl (the EMA network, loss and augmentation) and samples-NNNNNN.png (a grid of
-    the EMA network's images of fixed seeds: 8x8 on CUDA, 4x4 elsewhere) by rank 0."""
+def _save_snapshot(run_dir, label, step, dataset_kwargs, device):
+    """network-snapshot-*.pkl (the EMA network, loss and augmentation) and samples-*.png (a grid of the EMA
+    network's images of fixed seeds, one white pixel apart: 8x8 on CUDA, 4x4 elsewhere) by rank 0."""
     data = _snapshot_data(step.ema, step.loss_fn, step.augment_pipe, dataset_kwargs, check_consistency=(dist.get_world_size() > 1))
     if dist.get_rank() != 0:
         return
-    training_state.write_file(training_state.snapshot_path(run_dir, cur_nimg), pickle.dump, data)
+    training_state.write_file(training_state.snapshot_path(run_dir, label), pickle.dump, data)
     grid_size = (8, 8) if device.type == 'cuda' else (4, 4)
     images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device)
-    save_image_grid(images, training_state.samples_path(run_dir, cur_nimg), grid_size=grid_size)
-
-def _save_state(run_dir, cur_nimg, step, data, progress):
-    """training-state-NNNNNN.pt: what the reference writes (net, optimizer_state) plus what an exact continuation
-    needs. progress = (cur_tick, tick_start_nimg, start_nimg) as the resumed run should continue them."""
-    cur_tick, tick_start_nimg, start_nimg = progress
-    rng_states = training_state.gather_to_rank0(training_state.get_rng_state(step.loss_sum.device))
-    if dist.get_rank() != 0:
-        return
-    # The data order's walk at the next image, replayed from the previous dump, so resuming needs no replay.
-    next_idx = data.sampler_idx + (cur_nimg - start_nimg)
-    data.sampler_state = data.sampler.state_at(next_idx, data.sampler_state)
-    training_state.write_file(training_state.state_path(run_dir, cur_nimg), torch.save, dict(
-        net=step.net, optimizer_state=step.optimizer.state_dict(), ema=step.ema,
-        cur_nimg=cur_nimg, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
-        sampler_seed=data.sampler_seed, sampler_idx=next_idx, sampler_state=data.sampler_state,
-        batch_size=step.batch_size, world_size=dist.get_world_size(), rng_states=rng_states,
-        loss_scale=(step.loss_scale.state_dict() if step.loss_scale is not None else None),
-        **(dict(phema=step.phema.state_dict()) if step.phema is not None else {}),
-    ))
+    save_image_grid(images, training_state.samples_path(run_dir, label), grid_size=grid_size, gap=1)
 
 def _open_tensorboard(run_dir):
     """A SummaryWriter into the run folder (rank 0), or a clear error without the tensorboard package."""
@@ -539,10 +439,11 @@ def training_loop(
     start_time = time.time()
     fast = _set_up_numerics(seed, cudnn_benchmark, precision, compile)
     batch_gpu, num_accumulation_rounds = _split_batch(batch_size, batch_gpu, world_size)
-    state, cur_nimg, sampler_seed = _read_resume_state(resume_state_dump, resume_kimg, seed, batch_size, allow_code)
+    state, cur_nimg, sampler_seed = training_state.read_resume_state(resume_state_dump, resume_kimg, seed, batch_size, allow_code)
     if state is not None and cur_nimg >= total_kimg * 1000:
         if rank == 0:
-            _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg, loss_kwargs, augment_kwargs, dataset_kwargs)
+            _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg,
+                                 dict(loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs))
         return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=False)
     data = _open_data(dataset_kwargs, data_loader_kwargs, state, sampler_seed, cur_nimg, batch_gpu, device)
     net = _build_network(network_kwargs, data.dataset, device, fast, compile, batch_gpu, num_accumulation_rounds)
@@ -561,66 +462,62 @@ def training_loop(
                         loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                         ema_rampup_ratio=ema_rampup_ratio, precision=precision, fast=fast)
 
-    # Resume training: weights, counters, random streams; power-function EMAs (training/phema.py).
-    _resume_weights(step, resume_pkl, state, resume_state_dump, allow_code)
-    cur_tick, tick_start_nimg = _resume_progress(state, cur_nimg, device)
+    # Resume training: weights, progress, random streams; power-function EMAs (training/phema.py).
+    training_state.resume_weights(step, state, resume_state_dump, resume_pkl=resume_pkl, allow_code=allow_code)
+    progress = training_state.resume_progress(state, cur_nimg, device)
     if phema_kwargs:
         step.phema = PowerFunctionEMA(net, **phema_kwargs, run_dir=run_dir, resume_state=state, snapshot_data=dict(
             loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs)))
     del state
 
     # Train.
-    start_nimg = cur_nimg
     dist.print0(f'Training for {total_kimg} kimg...')
     dist.print0()
-    tick_start_time = time.time()
-    maintenance_time = tick_start_time - start_time
-    dist.update_progress(cur_nimg // 1000, total_kimg)
+    progress.begin(start_time)
+    dist.update_progress(progress.cur_nimg // 1000, total_kimg)
     stats_path = os.path.join(run_dir, 'stats.jsonl') if rank == 0 and run_dir is not None else None
     if stats_path is not None:
         training_state.trim_partial_line(stats_path)
     writer = _open_tensorboard(run_dir) if tensorboard and rank == 0 and run_dir is not None else None
-    stop = training_state.StopRequest()
+    stop = StopRequest()
     stop.install()
     warned_stalled = False # the loss-scale warning is printed once
-    kimg_digits = 1 if float(kimg_per_tick).is_integer() else 3 # fractional ticks (--tick=0.25) show them
+    fractional = not float(kimg_per_tick).is_integer() # fractional ticks (--tick=0.25) show and name the exact kimg
     next_batch = _batch_source(data.iterator, device)
+    p = progress
     try:
         while True:
-            step(next_batch, cur_nimg)
-            cur_nimg += batch_size
-            done = (cur_nimg >= total_kimg * 1000)
-            interrupted = (not done) and training_state.agree_to_stop(stop.requested or dist.should_stop())
+            step(next_batch, p.cur_nimg)
+            p.cur_nimg += batch_size
+            done = (p.cur_nimg >= total_kimg * 1000)
+            interrupted = (not done) and agree_to_stop(stop.requested or dist.should_stop())
             if interrupted:
-                dist.print0(f'\nStop requested (SIGTERM/SIGINT): saving a snapshot and the training state at {cur_nimg} images...', flush=True)
-            tick_done = done or (cur_tick == 0) or (cur_nimg >= tick_start_nimg + kimg_per_tick * 1000)
+                dist.print0(f'\nStop requested (SIGTERM/SIGINT): saving a snapshot and the training state at {p.cur_nimg} images...', flush=True)
+            tick_done = done or (p.cur_tick == 0) or (p.cur_nimg >= p.tick_start_nimg + kimg_per_tick * 1000)
             if not (tick_done or interrupted):
                 continue
 
             # Maintenance: status line, snapshot and samples, state dump (an interruption counts as part of the tick), logs.
-            tick_end_time = time.time()
-            _report_tick(cur_tick, cur_nimg, tick_start_nimg, step.take_mean_loss(), optimizer.param_groups[0]['lr'],
-                         (start_time, tick_start_time, tick_end_time, maintenance_time), device, kimg_digits)
+            p.end_tick()
+            _report_tick(p, step.take_mean_loss(), optimizer.param_groups[0]['lr'], device, kimg_digits=(3 if fractional else 1))
             if step.loss_scale is not None:
                 warned_stalled = _report_loss_scale(step.loss_scale, warned_stalled)
-            if interrupted or ((snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0)):
-                _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device)
+            label = training_state.kimg_label(p.cur_nimg, fractional_ticks=fractional, stopped=interrupted)
+            if interrupted or ((snapshot_ticks is not None) and (done or p.cur_tick % snapshot_ticks == 0)):
+                _save_snapshot(run_dir, label, step, dataset_kwargs, device)
                 if step.phema is not None:
-                    step.phema.snapshot(cur_nimg, done)
-            if interrupted or ((state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0):
-                resumed_tick = (cur_tick + 1, cur_nimg) if tick_done else (cur_tick, tick_start_nimg) # a stop within a tick continues it
-                _save_state(run_dir, cur_nimg, step, data, (*resumed_tick, start_nimg))
-            _update_logs(stats_path, writer, cur_nimg, total_kimg)
+                    step.phema.snapshot(p.cur_nimg, done)
+            if interrupted or ((state_dump_ticks is not None) and (done or p.cur_tick % state_dump_ticks == 0) and p.cur_tick != 0):
+                path = training_state.state_path(run_dir, label) if run_dir is not None else None
+                training_state.save_state(path, step, data, p, tick_done) # a stop within a tick continues it
+            _update_logs(stats_path, writer, p.cur_nimg, total_kimg)
 
             # Next tick.
             if interrupted:
                 dist.print0()
-                dist.print0(f'Stopped at {cur_nimg} images, with a snapshot and the training state in {run_dir}.')
+                dist.print0(f'Stopped at {p.cur_nimg} images, with a snapshot and the training state in {run_dir}.')
                 break
-            cur_tick += 1
-            tick_start_nimg = cur_nimg
-            tick_start_time = time.time()
-            maintenance_time = tick_start_time - tick_end_time
+            p.next_tick()
             if done:
                 break
     finally:
@@ -633,6 +530,6 @@ def training_loop(
     # Done.
     dist.print0()
     dist.print0('Exiting...')
-    return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=interrupted)
+    return dnnlib.EasyDict(cur_nimg=p.cur_nimg, stopped=interrupted)
 
 #----------------------------------------------------------------------------
