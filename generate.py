@@ -94,6 +94,9 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
         raise click.ClickException(f'--outdir {outdir} is a file, not a directory')
     if grid is not None and os.path.isdir(grid):
         raise click.ClickException(f'--grid {grid} is a directory, not a file name')
+    for name, value in [('--gnet', gnet_pkl), ('--guidance-interval', guidance_interval)]:
+        if value is not None and guidance == 1:
+            raise click.ClickException(f'{name} has no effect without --guidance (a weight other than 1)')
     try:
         guidance_interval = parse_guidance_interval(guidance_interval)
     except ValueError as err:

@@ -151,6 +151,16 @@ def test_progress_counts_network_evaluations(net_pkl, tmp_path):
     res = invoke(generate.main, f'--network={net_pkl}', f'--outdir={tmp_path}', '--seeds=0-2', '--batch=2', '--steps=3',
                  '--solver=euler', '--device=cpu')
     assert '6/6' in res.stderr # Euler: 3 evaluations per batch
+    res = invoke(generate.main, f'--network={net_pkl}', f'--outdir={tmp_path}', '--seeds=0-2', '--batch=2', '--steps=3',
+                 f'--gnet={net_pkl}', '--guidance=2', '--device=cpu')
+    assert res.exit_code == 0 and '20/20' in res.stderr, res.output # autoguidance: D0 beside each D1
+
+@pytest.mark.parametrize('option', ['--gnet', '--guidance-interval'])
+def test_guidance_options_without_guidance_are_an_error(net_pkl, tmp_path, option):
+    value = {'--gnet': net_pkl, '--guidance-interval': '0.1,1'}[option]
+    res = invoke(generate.main, f'--network={net_pkl}', f'--outdir={tmp_path / "out"}', '--seeds=0', f'{option}={value}', '--device=cpu')
+    assert res.exit_code == 1 and error_line(res) == f'Error: {option} has no effect without --guidance (a weight other than 1)'
+    assert not os.path.exists(tmp_path / 'out')
 
 def test_grid_scale_bounded(net_pkl, tmp_path):
     res = invoke(generate.main, f'--network={net_pkl}', f'--outdir={tmp_path}', '--grid-scale=0', '--grid=g.png')

@@ -38,7 +38,7 @@ class SamplerNet:
         self.net = net                  # Network (or its torch.compile wrapper).
         self.device_type = device_type  # 'cpu' | 'cuda' | ...
         self.dtype = dtype              # Autocast dtype, or None for the network's own precision.
-        self.on_call = on_call          # Called after each network evaluation (progress), or None.
+        self.on_call = on_call          # Called with the output after each network evaluation (progress), or None.
         self.pad_batches = pad_batches  # Give every batch the same size (a compiled network then compiles once)?
         self.freeze = freeze            # Compile the weights in as constants (inductor's freezing)?
 
@@ -51,14 +51,14 @@ class SamplerNet:
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=(self.dtype is not None)), _freezing(self.freeze):
             out = self.net(*args, **kwargs)
         if self.on_call is not None:
-            self.on_call()
+            self.on_call(out)
         return out
 
 def _reporting(net, device_type, on_call):
     """A copy of `net` as a SamplerNet that also calls on_call after each network evaluation."""
     net = copy.copy(net) if isinstance(net, SamplerNet) else SamplerNet(net, device_type)
     previous = net.on_call
-    net.on_call = on_call if previous is None else (lambda: (previous(), on_call()))
+    net.on_call = on_call if previous is None else (lambda out: (previous(out), on_call(out)))
     return net
 
 def prepare_network(net, device, precision='fp32', use_compile=False, freeze=True):
@@ -132,18 +132,30 @@ def sample_batches(net, seeds, device, class_idx=None, max_batch_size=64, progre
     sampler_fn = ablation_sampler if any(key in sampler_kwargs for key in ABLATION_OPTIONS) else edm_sampler
     rank_batches = [batch for batch in split_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()) if len(batch) > 0]
     padded_size = max(map(len, rank_batches), default=0) if getattr(net, 'pad_batches', False) else 0
-    nfe = num_evaluations(sampler_kwargs.get('num_steps', 18), sampler_kwargs.get('solver', 'heun'))
+    # Progress in network evaluations per image: guidance adds D0's (in the same call for classifier-free guidance).
+    guided = sampler_kwargs.get('guidance', 1) != 1
+    nfe = num_evaluations(sampler_kwargs.get('num_steps', 18), sampler_kwargs.get('solver', 'heun')) * (2 if guided else 1)
+    run_size = [1] # images of the batch being sampled
     with tqdm.tqdm(total=nfe * len(rank_batches), unit='eval', disable=(not progress or dist.get_rank() != 0)) as bar:
         if not bar.disable:
-            net = _reporting(net, device.type, lambda: bar.update(1))
-        yield from _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, sampler_fn, sampler_kwargs)
+            count = lambda out: bar.update(out.shape[0] // run_size[0])
+            net = _reporting(net, device.type, count)
+            if sampler_kwargs.get('gnet') is not None:
+                sampler_kwargs['gnet'] = _reporting(sampler_kwargs['gnet'], device.type, count)
+        for batch_seeds, images in _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, sampler_fn, sampler_kwargs, run_size):
+            yield batch_seeds, images
+        if not bar.disable and bar.n < bar.total: # fewer outside a guidance interval
+            bar.total = bar.n
+            bar.refresh()
 
-def _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, sampler_fn, sampler_kwargs):
-    """The body of sample_batches: sample each non-empty batch of seeds, padded to padded_size."""
+def _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, sampler_fn, sampler_kwargs, run_size_out=None):
+    """The body of sample_batches: sample each non-empty batch of seeds, padded to padded_size (its size into run_size_out[0])."""
     for batch_seeds in rank_batches:
         batch_size = len(batch_seeds)
         run_seeds = batch_seeds + batch_seeds[-1:] * (padded_size - batch_size) # the padding's images are dropped
         run_size = len(run_seeds)
+        if run_size_out is not None:
+            run_size_out[0] = run_size
 
         # Pick latents and labels; labels are drawn after the latents, also when --class overrides them.
         rnd = StackedRandomGenerator(device, run_seeds)

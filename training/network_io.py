@@ -1,5 +1,8 @@
 """Loading network pickles (paths or URLs) with clear errors."""
 
+import os
+import zipfile
+
 import torch
 
 import dnnlib
@@ -36,7 +39,10 @@ def load_network_data(network_pkl, key='ema', verbose=True, allow_code=False):
     except PermissionError:
         raise ValueError(f'network pickle is not readable: {network_pkl}') from None
     except dnnlib.util.UNPICKLING_ERRORS as err:
-        raise ValueError(f'{network_pkl} is not a readable network pickle ({type(err).__name__}: {err})') from None
+        if os.path.isfile(network_pkl) and zipfile.is_zipfile(network_pkl): # torch.save's format, as train.py's states
+            raise ValueError(f'{network_pkl} is a training state (torch.save), not a network pickle: '
+                             f'use the run\'s network-snapshot-*.pkl') from None
+        raise ValueError(f'{network_pkl} is not a readable network pickle ({type(err).__name__}: {" ".join(str(err).split())})') from None
     if not isinstance(data, dict) or key not in data:
         found = ', '.join(map(str, data.keys())) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f'{network_pkl} holds no {key!r} network (found: {found})')
