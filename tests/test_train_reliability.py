@@ -315,15 +315,17 @@ def test_a_closed_console_stops_no_save_and_log_txt_keeps_everything(data, tmp_p
 # Fractional ticks: every snapshot, grid and state keeps its own name; a resume continues ticks and time.
 
 def test_fractional_ticks_keep_every_file_and_resume_continues_ticks_and_time(data, tmp_path):
-    # --tick=0.25 with batch 8: ticks 0-4 at 8, 256, 504, 752, 1000 images; whole-kimg names would give 000000 four times.
+    # --tick=0.25 with batch 8: ticks at 8, 264, 520, 776 and 1000 images; whole-kimg names would give 000000 four times.
     run_script(train_args(tmp_path, data['good'], '--duration=0.001', '--tick=0.25', '--snap=1', '--dump=1', '--workers=0'))
     (run_dir,) = run_dirs(tmp_path)
-    labels = ['000000.008', '000000.256', '000000.504', '000000.752', '000001.000']
+    nimgs = [round(line['Progress/kimg']['mean'] * 1000) for line in map(json.loads, open(os.path.join(run_dir, 'stats.jsonl')))]
+    assert nimgs == [8, 264, 520, 776, 1000]
+    labels = [f'{nimg // 1000:06d}.{nimg % 1000:03d}' for nimg in nimgs]
     names = set(os.listdir(run_dir))
     assert {f'network-snapshot-{label}.pkl' for label in labels} <= names
     assert {f'samples-{label}.png' for label in labels} <= names
     assert {f'training-state-{label}.pt' for label in labels[1:]} <= names # no state at tick 0
-    assert torch.load(os.path.join(run_dir, 'training-state-000000.504.pt'), weights_only=False)['cur_nimg'] == 504
+    assert torch.load(os.path.join(run_dir, 'training-state-000000.520.pt'), weights_only=False)['cur_nimg'] == 520
     # The same run continued to 2 kimg: from the newest state (1000 images), ticks 5-8, the time goes on.
     res = run_script(['train.py', f'--resume={run_dir}', '--duration=0.002'])
     assert 'from ' + os.path.join(run_dir, 'training-state-000001.000.pt') in res.stdout
