@@ -88,7 +88,9 @@ def profile_inner_products(gammas_a, times_a, gammas_b, times_b):
     return (g_i + 1) * (g_j + 1) / (g_i + g_j + 1) * (m / T_i) ** (g_i + 1) * (m / T_j) ** (g_j + 1) / m
 
 def solve_coefficients(gammas, times, gamma_r, time_r):
-    """Coefficients x minimising ||sum_i x_i p_i - p_r||, for stored profiles (gammas, times) and the target (gamma_r, time_r).
+    """Coefficients x minimising ||sum_i x_i p_i - p_r||, for stored profiles (gammas, times) and the target (gamma_r, time_r),
+    scaled to sum to 1 (Algorithm 3 of the paper, as the EDM2 release solves it): the result is a weighted average of
+    the stored weights, so that it keeps their scale (unscaled, sigma_rel 0.02 from 0.05/0.10 would shrink them by 3%).
 
     Returns (x, residual), residual = ||sum_i x_i p_i - p_r|| / ||p_r||, the relative L2 distance of the profiles.
     Times may count steps or images; they are divided by time_r, which leaves x unchanged.
@@ -97,6 +99,7 @@ def solve_coefficients(gammas, times, gamma_r, time_r):
     A = profile_inner_products(gammas, times, gammas, times)
     b = profile_inner_products(gammas, times, [gamma_r], [1.0])[:, 0]
     x = np.linalg.lstsq(A, b, rcond=None)[0] # A is ill-conditioned: SVD-based least squares
+    x = x / np.sum(x) # a weighted average: sum_i x_i = 1
     p_r_sq = profile_inner_products([gamma_r], [1.0], [gamma_r], [1.0])[0, 0]
     residual = np.sqrt(max(x @ A @ x - 2 * (b @ x) + p_r_sq, 0) / p_r_sq)
     return x, float(residual)

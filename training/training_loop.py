@@ -454,7 +454,7 @@ def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS, encoder=
     if net.label_dim:
         class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[num_images], device=device)]
     if is_edm2_network(net): # the EDM2 release's sampler and decoding (training/generation_edm2.py)
-        return edm2_images(net, encoder or default_encoder(None), list(range(num_images)), device).permute(0, 2, 3, 1).cpu().numpy()
+        return edm2_images(net, encoder or default_encoder(None), list(range(num_images)), device, num_steps=num_steps).permute(0, 2, 3, 1).cpu().numpy()
     with torch.no_grad():
         images = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
     return images_to_uint8(images)
