@@ -166,6 +166,30 @@ def test_generate_writes_the_releases_images(generated, tmp_path):
     images = np.stack([np.asarray(PIL.Image.open(tmp_path / f'{seed:06d}.png')) for seed in seeds]).transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(images, generated[f'{name}/default/images'])
 
+@pytest.mark.parametrize('allow_code', [False, True])
+def test_fid_statistics_of_a_release_pickle(generated, tmp_path, allow_code):
+    """fid.py's statistics of an EDM2 pickle's samples are those of the release's images; allow_code=True runs the
+    release's own network code carried by the pickle (which the stand-in detector of ours needs for itself)."""
+    import fid
+    import fid_detector
+    detector = fid_detector.ProjectionDetector(feature_dim=8)
+    detector_pkl = tmp_path / 'detector.pkl'
+    with open(detector_pkl, 'wb') as f:
+        pickle.dump(detector, f)
+    name, case = 'img16-rgb-cond', 'guided'
+    seeds = [int(s) for s in generated[f'{name}/{case}/seeds']]
+    mu, sigma = fid.calculate_inception_stats_for_network(fixture_file(f'edm2-{name}.pkl'), seeds, max_batch_size=4, device='cpu',
+                                                          detector_url=str(detector_pkl), allow_code=True, num_steps=8,
+                                                          gnet_pkl=fixture_file(f'edm2-{name}.pkl'), guidance=1.7) if allow_code else (None, None)
+    if not allow_code: # the safe loader refuses the stand-in detector, so here the statistics come from our own sampling
+        data = network_io.load_network_data(fixture_file(f'edm2-{name}.pkl'), verbose=False)
+        batches = generation_edm2.edm2_image_batches(data['ema'], generation_edm2.default_encoder(data), seeds, torch.device('cpu'), 4,
+                                                     num_steps=8, guidance=1.7)
+        mu, sigma = fid.accumulate_stats(detector, (torch.as_tensor(images) for _, images in batches), [3, 16, 16], device=torch.device('cpu'))
+    features = fid_detector.numpy_features(generated[f'{name}/{case}/images'].transpose(0, 2, 3, 1), detector)
+    np.testing.assert_allclose(mu, features.mean(axis=0), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False, ddof=1), rtol=0, atol=1e-10)
+
 def test_stability_vae_encoder_names_what_is_missing(tmp_path):
     """Without diffusers, the latent encoder says so in one line (diffusers hidden from the subprocess)."""
     script = tmp_path / 'decode.py'

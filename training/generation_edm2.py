@@ -116,16 +116,22 @@ def check_edm2_options(sampler_kwargs, guidance_interval=None, precision='fp32',
     if precision != 'fp32' or use_compile:
         raise ValueError('an EDM2 network is sampled in float32 as the EDM2 release samples it (no --precision, no --compile)')
 
-def generate_edm2_images(net, encoder, seeds, outdir, device, image_path, subdirs=False, class_idx=None, max_batch_size=32,
-                         gnet=None, **sampler_kwargs):
-    """Write this rank's images as PNGs at image_path(outdir, seed, subdirs); gnet None = the network itself (as the EDM2
-    release guides). Decoded images must have 1 or 3 channels."""
+def edm2_image_batches(net, encoder, seeds, device, max_batch_size=32, class_idx=None, gnet=None, **sampler_kwargs):
+    """Yield (batch seeds, uint8 pixels [B, C, H, W]) for this rank's batches; gnet None = the network itself (as the
+    EDM2 release guides)."""
     gnet = net if gnet is None else gnet
     encoder.init(device)
-    rank_batches = [batch for batch in edm2_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()) if len(batch)]
-    for indices in tqdm.tqdm(rank_batches, unit='batch', disable=(dist.get_rank() != 0)):
-        batch_seeds = [seeds[idx] for idx in indices]
-        images = edm2_images(net, encoder, batch_seeds, device, class_idx=class_idx, gnet=gnet, **sampler_kwargs)
+    for indices in edm2_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()):
+        if len(indices):
+            batch_seeds = [seeds[idx] for idx in indices]
+            yield batch_seeds, edm2_images(net, encoder, batch_seeds, device, class_idx=class_idx, gnet=gnet, **sampler_kwargs)
+
+def generate_edm2_images(net, encoder, seeds, outdir, device, image_path, subdirs=False, class_idx=None, max_batch_size=32,
+                         gnet=None, **sampler_kwargs):
+    """Write this rank's images as PNGs at image_path(outdir, seed, subdirs). Decoded images must have 1 or 3 channels."""
+    batches = edm2_image_batches(net, encoder, seeds, device, max_batch_size, class_idx=class_idx, gnet=gnet, **sampler_kwargs)
+    num_batches = len(edm2_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()))
+    for batch_seeds, images in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(dist.get_rank() != 0)):
         if images.shape[1] not in (1, 3):
             raise ValueError(f'the network\'s encoder decodes {images.shape[1]}-channel images; PNG files take 1 or 3')
         for seed, image in zip(batch_seeds, images.permute(0, 2, 3, 1).cpu().numpy()):
