@@ -190,6 +190,23 @@ def test_fid_statistics_of_a_release_pickle(generated, tmp_path, allow_code):
     np.testing.assert_allclose(mu, features.mean(axis=0), rtol=0, atol=1e-10)
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False, ddof=1), rtol=0, atol=1e-10)
 
+def test_reconstruct_ema_reads_a_release_run(tmp_path):
+    """reconstruct_ema.py on a folder in the EDM2 release's layout (network-snapshot-NNNNNNN-S.SSS.pkl). Every
+    snapshot holds the same weights, so any reconstruction (a weighted average: coefficients summing to 1) is them."""
+    data = network_io.load_network_data(fixture_file('edm2-img16-rgb-cond.pkl'), verbose=False)
+    run = tmp_path / 'run'
+    run.mkdir()
+    for kimg in (1, 2, 4):
+        for std in (0.05, 0.1):
+            with open(run / f'network-snapshot-{kimg:07d}-{std:.3f}.pkl', 'wb') as f:
+                pickle.dump(data, f)
+    run_script(['reconstruct_ema.py', f'--run={run}', '--std=0.020,0.075', f'--dest={tmp_path / "out"}'])
+    for std in ('0.020', '0.075'):
+        out = network_io.load_network_data(str(tmp_path / 'out' / f'reconstructed-000004-{std}.pkl'), verbose=False)
+        assert type(out['encoder']) is encoders.StandardRGBEncoder
+        for (name, a), (_, b) in zip(out['ema'].named_parameters(), data['ema'].named_parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=0, msg=name) # float16 weights: one rounding step
+
 def test_stability_vae_encoder_names_what_is_missing(tmp_path):
     """Without diffusers, the latent encoder says so in one line (diffusers hidden from the subprocess)."""
     script = tmp_path / 'decode.py'
