@@ -151,6 +151,8 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         c.network_kwargs.label_dropout = opts.label_dropout
     if opts.get('preset') is not None:
         build_edm2_config(c, opts, dataset, device_type)
+    elif any(opts.get(name) is not None for name in ('decay', 'P_mean', 'P_std')):
+        raise ValueError('--decay, --P_mean and --P_std set the EDM2 recipe: they need --preset')
     check_architecture({'channel_mult': [1,2,3,4], **c.network_kwargs}, dataset, opts) # (EDM2's default channel_mult)
 
     # Training options.
@@ -583,8 +585,11 @@ def main(**kwargs):
     dist.print0(f'Output directory:        {c.run_dir}')
     dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
     dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    dist.print0(f'Network architecture:    {opts.arch}')
-    dist.print0(f'Preconditioning & loss:  {opts.precond}')
+    if opts.get('preset') is not None:
+        dist.print0(f'EDM2 preset:             {opts.preset}')
+    else:
+        dist.print0(f'Network architecture:    {opts.arch}')
+        dist.print0(f'Preconditioning & loss:  {opts.precond}')
     dist.print0(f'Number of GPUs:          {dist.get_world_size()}')
     dist.print0(f'Batch size:              {c.batch_size}')
     dist.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
