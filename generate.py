@@ -121,7 +121,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
 
     if generation_edm2.is_edm2_network(net):
         return _generate_edm2(net, generation_edm2.default_encoder(data), gnet, seeds, outdir, subdirs, class_idx, max_batch_size,
-                              guidance, guidance_interval, device, precision, compile_net, sampler_kwargs)
+                              guidance, guidance_interval, device, precision, compile_net, sampler_kwargs, grid, grid_scale)
     try:
         check_class(net, class_idx)
         check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
@@ -147,9 +147,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
     except OSError as err:
         raise click.ClickException(f'cannot write {err.filename}: {err.strerror}')
     _barrier()
-    elapsed = max(time.time() - start_time, 1e-6)
+    _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, max(time.time() - start_time, 1e-6))
 
-    # Rank 0 tiles all images, in seed order, into one grid.
+def _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, elapsed):
+    """Rank 0 tiles all images, in seed order, into one grid; the closing line."""
     if grid is not None and dist.get_rank() == 0:
         try:
             save_image_grid(np.stack([read_image(image_path(outdir, seed, subdirs)) for seed in seeds]), grid, scale=grid_scale, gap=grid_scale)
@@ -164,7 +165,7 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
 # EDM2 networks: the EDM2 release's sampler, its defaults (32 steps unless --steps is given) and decoding.
 
 def _generate_edm2(net, encoder, gnet, seeds, outdir, subdirs, class_idx, max_batch_size, guidance, guidance_interval,
-                   device, precision, compile_net, sampler_kwargs):
+                   device, precision, compile_net, sampler_kwargs, grid, grid_scale):
     if click.get_current_context().get_parameter_source('num_steps') != click.core.ParameterSource.COMMANDLINE:
         sampler_kwargs.pop('num_steps', None)
     try:
@@ -173,6 +174,7 @@ def _generate_edm2(net, encoder, gnet, seeds, outdir, subdirs, class_idx, max_ba
         os.makedirs(outdir, exist_ok=True)
         net, gnet = net.to(device), (gnet.to(device) if gnet is not None else None)
         dist.print0(f'Generating {len(seeds)} images to "{outdir}" with the EDM2 sampler...')
+        start_time = time.time()
         generation_edm2.generate_edm2_images(net, encoder, seeds, outdir, device, image_path, subdirs=subdirs, class_idx=class_idx,
                                              max_batch_size=max_batch_size, gnet=gnet, guidance=guidance, **sampler_kwargs)
     except (ValueError, ImportError) as err:
@@ -180,8 +182,7 @@ def _generate_edm2(net, encoder, gnet, seeds, outdir, subdirs, class_idx, max_ba
     except OSError as err:
         raise click.ClickException(f'cannot write {err.filename}: {err.strerror}')
     _barrier()
-    dist.print0(f'Wrote {len(seeds)} images to "{outdir}".')
-    dist.finish()
+    _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, max(time.time() - start_time, 1e-6))
 
 #----------------------------------------------------------------------------
 
