@@ -448,13 +448,14 @@ SAMPLE_STEPS = 16 # sampler steps of the grid written with each snapshot (NFE 31
 def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS, encoder=None):
     """uint8 [N, H, W, C] images of seeds 0..N-1 with the EDM sampler, as generate.py draws them (latents,
     then labels, one generator per seed)."""
+    if is_edm2_network(net): # the EDM2 release's sampler, the same draws, and decoding (training/generation_edm2.py)
+        images = edm2_images(net, encoder or default_encoder(None), list(range(num_images)), device, num_steps=num_steps)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
     rnd = StackedRandomGenerator(device, list(range(num_images)))
     latents = rnd.randn([num_images, net.img_channels, net.img_resolution, net.img_resolution], device=device)
     class_labels = None
     if net.label_dim:
         class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[num_images], device=device)]
-    if is_edm2_network(net): # the EDM2 release's sampler and decoding (training/generation_edm2.py)
-        return edm2_images(net, encoder or default_encoder(None), list(range(num_images)), device, num_steps=num_steps).permute(0, 2, 3, 1).cpu().numpy()
     with torch.no_grad():
         images = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
     return images_to_uint8(images)
