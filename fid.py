@@ -16,6 +16,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import persistence
 from torch_utils.misc import choose_device
+from training import generation_edm2
 from training.generation import prepare_network, sample_batches, split_batches
 from training.sampling import check_guidance, check_sampler_options, parse_guidance_interval, parse_seeds
 
@@ -243,12 +244,23 @@ def calculate_inception_stats_for_network(
     **sampler_kwargs,               # Options of edm_sampler (num_steps, sigma_min, ...).
 ):
     """Feature statistics (mu, sigma) of the network's samples for `seeds`, over all ranks."""
-    from training.network_io import load_network_pkl
+    from training.network_io import load_network_data, load_network_pkl
     device = choose_device(device)
     if len(seeds) < 2:
         raise ValueError(f'{len(seeds)} seed(s) given; FID statistics need at least 2 images')
     dist.print0(f'Loading network from "{network_pkl}"...')
-    net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+    data = dist.rank0_first(lambda: load_network_data(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+    net = data['ema']
+    if generation_edm2.is_edm2_network(net): # EDM2: the EDM2 release's sampler and the pickle's encoder
+        generation_edm2.check_edm2_options(sampler_kwargs, guidance_interval, precision, use_compile)
+        gnet = None if gnet_pkl is None else dist.rank0_first(lambda: load_network_pkl(gnet_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+        batches = (torch.as_tensor(images) for _, images in generation_edm2.edm2_image_batches(
+            net.to(device), generation_edm2.default_encoder(data), seeds, device, max_batch_size, class_idx=class_idx,
+            gnet=(gnet.to(device) if gnet is not None else None), guidance=guidance, **sampler_kwargs))
+        detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+        return accumulate_stats(detector, batches, [net.img_channels, net.img_resolution, net.img_resolution],
+                                num_batches=len(_rank_batches(seeds, max_batch_size)), device=device,
+                                detector_name=f'the feature detector {detector_url}', feature_dim=feature_dim)
     check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
     gnet = None
     if gnet_pkl is not None:

@@ -13,7 +13,8 @@ from dnnlib.util import parse_int_list # re-exported, as in the reference
 from torch_utils import distributed as dist
 from training.generation import check_class, generate_images, image_path, prepare_network
 from training.image_io import read_image, save_image_grid
-from training.network_io import load_network_pkl
+from training.network_io import load_network_data, load_network_pkl
+from training import generation_edm2
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator # re-exported, as in the reference
 from training.sampling import check_guidance, check_sampler_options, parse_guidance_interval, parse_seeds
 
@@ -108,7 +109,8 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
 
     dist.print0(f'Loading network from "{network_pkl}"...')
     try:
-        net = dist.rank0_first(lambda: load_network_pkl(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+        data = dist.rank0_first(lambda: load_network_data(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
+        net = data['ema']
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))
 
@@ -120,6 +122,9 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
         except (ValueError, OSError) as err:
             raise click.ClickException(str(err))
 
+    if generation_edm2.is_edm2_network(net):
+        return _generate_edm2(net, generation_edm2.default_encoder(data), gnet, seeds, outdir, subdirs, class_idx, max_batch_size,
+                              guidance, guidance_interval, device, precision, compile_net, sampler_kwargs, grid, grid_scale)
     try:
         check_class(net, class_idx)
         check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
@@ -145,9 +150,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
     except OSError as err:
         raise click.ClickException(f'cannot write {err.filename}: {err.strerror}')
     _barrier()
-    elapsed = max(time.time() - start_time, 1e-6)
+    _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, max(time.time() - start_time, 1e-6))
 
-    # Rank 0 tiles all images, in seed order, into one grid.
+def _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, elapsed):
+    """Rank 0 tiles all images, in seed order, into one grid; the closing line."""
     if grid is not None and dist.get_rank() == 0:
         try:
             save_image_grid(np.stack([read_image(image_path(outdir, seed, subdirs)) for seed in seeds]), grid, scale=grid_scale, gap=grid_scale)
@@ -157,6 +163,29 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
     dist.print0(f'Wrote {len(seeds)} images to "{outdir}"' + (f' and a grid to "{grid}"' if grid is not None else '') +
                 f' in {dnnlib.util.format_time(elapsed)} ({len(seeds) / elapsed:.2f} images/s).')
     dist.finish()
+
+#----------------------------------------------------------------------------
+# EDM2 networks: the EDM2 release's sampler, its defaults (32 steps unless --steps is given) and decoding.
+
+def _generate_edm2(net, encoder, gnet, seeds, outdir, subdirs, class_idx, max_batch_size, guidance, guidance_interval,
+                   device, precision, compile_net, sampler_kwargs, grid, grid_scale):
+    if click.get_current_context().get_parameter_source('num_steps') != click.core.ParameterSource.COMMANDLINE:
+        sampler_kwargs.pop('num_steps', None)
+    try:
+        check_class(net, class_idx)
+        generation_edm2.check_edm2_options(sampler_kwargs, guidance_interval, precision, compile_net)
+        os.makedirs(outdir, exist_ok=True)
+        net, gnet = net.to(device), (gnet.to(device) if gnet is not None else None)
+        dist.print0(f'Generating {len(seeds)} images to "{outdir}" with the EDM2 sampler...')
+        start_time = time.time()
+        generation_edm2.generate_edm2_images(net, encoder, seeds, outdir, device, image_path, subdirs=subdirs, class_idx=class_idx,
+                                             max_batch_size=max_batch_size, gnet=gnet, guidance=guidance, **sampler_kwargs)
+    except (ValueError, ImportError) as err:
+        raise click.ClickException(str(err))
+    except OSError as err:
+        raise click.ClickException(f'cannot write {err.filename}: {err.strerror}')
+    _barrier()
+    _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, max(time.time() - start_time, 1e-6))
 
 #----------------------------------------------------------------------------
 

@@ -32,6 +32,60 @@ PRECONDITIONERS = { # --precond => (network class, loss class)
     'edm': ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
 }
 
+# EDM2 presets of Karras et al. 2024 (Table 2 and Appendix; train_edm2.py of the EDM2 release): --preset.
+# duration in Mimg, batch in images, cbase = model_channels, lr = alpha_ref, decay = t_ref in batches.
+def _edm2_preset(duration_nimg, cbase, lr, decay, dropout, P_mean, P_std):
+    return dict(duration=duration_nimg / 1e6, batch=2048, cbase=cbase, lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std)
+
+EDM2_PRESETS = {
+    'edm2-img512-xs':  _edm2_preset(2048 << 20, 128, 0.0120, 70000, 0.00, -0.4, 1.0),
+    'edm2-img512-s':   _edm2_preset(2048 << 20, 192, 0.0100, 70000, 0.00, -0.4, 1.0),
+    'edm2-img512-m':   _edm2_preset(2048 << 20, 256, 0.0090, 70000, 0.10, -0.4, 1.0),
+    'edm2-img512-l':   _edm2_preset(1792 << 20, 320, 0.0080, 70000, 0.10, -0.4, 1.0),
+    'edm2-img512-xl':  _edm2_preset(1280 << 20, 384, 0.0070, 70000, 0.10, -0.4, 1.0),
+    'edm2-img512-xxl': _edm2_preset(896 << 20,  448, 0.0065, 70000, 0.10, -0.4, 1.0),
+    'edm2-img64-s':    _edm2_preset(1024 << 20, 192, 0.0100, 35000, 0.00, -0.8, 1.6),
+    'edm2-img64-m':    _edm2_preset(2048 << 20, 256, 0.0090, 35000, 0.10, -0.8, 1.6),
+    'edm2-img64-l':    _edm2_preset(1024 << 20, 320, 0.0080, 35000, 0.10, -0.8, 1.6),
+    'edm2-img64-xl':   _edm2_preset(640 << 20,  384, 0.0070, 35000, 0.10, -0.8, 1.6),
+}
+EDM2_PHEMA_STDS = [0.050, 0.100] # the profiles the EDM2 release tracks
+
+def apply_preset(opts, given):
+    """opts with the --preset's values for the options not `given` on the command line (as train_edm2.py
+    does: any preset value can be overridden)."""
+    opts = dnnlib.EasyDict(opts)
+    if opts.get('preset') is None:
+        return opts
+    if opts.preset not in EDM2_PRESETS:
+        raise ValueError(f'--preset must be one of {", ".join(EDM2_PRESETS)}, not {opts.preset!r}')
+    for name, value in EDM2_PRESETS[opts.preset].items():
+        if name not in given or opts.get(name) is None:
+            opts[name] = value
+    return opts
+
+def build_edm2_config(c, opts, dataset, device_type):
+    """The EDM2 parts of config c (--preset): magnitude-preserving network, EDM2Loss with the learned
+    uncertainty, Adam (0.9, 0.99) with the inverse-square-root schedule, power-function EMAs, no augmentation."""
+    if dataset.num_channels not in (1, 3):
+        raise ValueError(f'--preset: {opts.data} has {dataset.num_channels} channels; EDM2 runs here train on pixels (1 or 3 channels)')
+    if opts.get('augment_given'):
+        raise ValueError('--augment: the EDM2 networks have no augmentation conditioning; leave --augment out with --preset')
+    c.network_kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=opts.cbase, dropout=opts.dropout,
+                                       use_fp16=(opts.fp16 if opts.get('fp16_given') else device_type == 'cuda'))
+    if opts.cres is not None:
+        c.network_kwargs.channel_mult = list(opts.cres)
+    if opts.label_dropout is not None:
+        if not opts.cond:
+            raise ValueError('--label-dropout drops class labels: it needs --cond=True')
+        c.network_kwargs.label_dropout = opts.label_dropout
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss_edm2.EDM2Loss', P_mean=opts.P_mean, P_std=opts.P_std)
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9,0.99], eps=1e-8)
+    c.lr_kwargs = dnnlib.EasyDict(func_name='training.loss_edm2.learning_rate_schedule', ref_lr=opts.lr, ref_batches=opts.decay,
+                                  rampup_Mimg=opts.lr_rampup / 1000)
+    c.encoder_kwargs = dnnlib.EasyDict(class_name='training.encoders.StandardRGBEncoder')
+    c.pop('augment_kwargs', None)
+
 #----------------------------------------------------------------------------
 
 def describe_dataset(dataset_kwargs):
@@ -93,7 +147,11 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         if not opts.cond:
             raise ValueError('--label-dropout drops class labels: it needs --cond=True')
         c.network_kwargs.label_dropout = opts.label_dropout
-    check_architecture(c.network_kwargs, dataset, opts)
+    if opts.get('preset') is not None:
+        build_edm2_config(c, opts, dataset, device_type)
+    elif any(opts.get(name) is not None for name in ('decay', 'P_mean', 'P_std')):
+        raise ValueError('--decay, --P_mean and --P_std set the EDM2 recipe: they need --preset')
+    check_architecture({'channel_mult': [1,2,3,4], **c.network_kwargs}, dataset, opts) # (EDM2's default channel_mult)
 
     # Training options.
     c.total_kimg = max(int(opts.duration * 1000), 1)
@@ -105,7 +163,9 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         c.update(precision=opts.precision, compile=opts.compile)
     tick = int(opts.tick) if float(opts.tick).is_integer() else opts.tick # whole kimg recorded as the reference does
     c.update(kimg_per_tick=tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
-    if opts.get('phema') is not None: # recorded only when used, as precision
+    if opts.get('phema') is None and opts.get('preset') is not None:
+        c.phema_kwargs = dnnlib.EasyDict(stds=list(EDM2_PHEMA_STDS), snapshot_kimg=opts.get('phema_snap'))
+    elif opts.get('phema') is not None: # recorded only when used, as precision
         c.phema_kwargs = dnnlib.EasyDict(stds=phema.parse_stds(opts.phema, '--phema'), snapshot_kimg=opts.get('phema_snap'))
     elif opts.get('phema_snap') is not None:
         raise ValueError('--phema-snap needs --phema (the relative standard deviations to track)')
@@ -139,7 +199,8 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
     devices_str = f'gpus{world_size}' if device_type != 'cpu' else ('cpu' if world_size == 1 else f'cpu{world_size}')
-    desc = f'{dataset.name}-{cond_str}-{opts.arch}-{opts.precond}-{devices_str}-batch{c.batch_size}-{dtype_str}'
+    model_str = opts.preset if opts.get('preset') is not None else f'{opts.arch}-{opts.precond}'
+    desc = f'{dataset.name}-{cond_str}-{model_str}-{devices_str}-batch{c.batch_size}-{dtype_str}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     return c, desc
@@ -250,6 +311,8 @@ OPTION_KEYS = {
     'augment': ['augment_kwargs', 'network_kwargs.augment_dim'], 'fp16': ['network_kwargs.use_fp16'], 'ls': ['loss_scaling'],
     'bench': ['cudnn_benchmark'], 'precision': ['precision'], 'compile': ['compile'], 'tick': ['kimg_per_tick'],
     'snap': ['snapshot_ticks'], 'dump': ['state_dump_ticks'], 'seed': ['seed'], 'label_dropout': ['network_kwargs.label_dropout'],
+    'preset': ['network_kwargs.class_name', 'loss_kwargs.class_name'], 'decay': ['lr_kwargs.ref_batches'],
+    'P_mean': ['loss_kwargs.P_mean'], 'P_std': ['loss_kwargs.P_std'],
 }
 RUN_SPECIFIC = ('run_dir', 'resume_pkl', 'resume_state_dump', 'resume_kimg', 'tensorboard') # not part of what a run trains
 
@@ -317,6 +380,9 @@ def check_given_options(recorded, opts, given, world_size, device_type):
     if not names:
         return
     cmd = default_options(**{name: opts[name] for name in names})
+    if 'preset' in given or _lookup(recorded, 'network_kwargs.class_name') == 'training.networks_edm2.Precond':
+        cmd.preset = opts.preset if 'preset' in given else next(iter(EDM2_PRESETS)) # only the given options are compared
+        cmd = apply_preset(cmd, set(names))
     cmd.data = opts.data if 'data' in given else _lookup(recorded, 'dataset_kwargs.path')
     cmd.seed = opts.seed if 'seed' in given else recorded.get('seed')
     c, _ = build_config(cmd, describe_dataset(dataset_kwargs_from_opts(cmd)), world_size=world_size, device_type=device_type)
@@ -380,6 +446,10 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--lr-rampup',     help='Learning rate ramp-up duration', metavar='KIMG',             type=click.FloatRange(min=0), default=10000, show_default=True)
 @click.option('--ema',           help='EMA half-life', metavar='MIMG',                              type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--phema',         help='Post-hoc EMA: track power-function EMAs of these relative stds', metavar='LIST', type=str)
+@click.option('--preset',        help='EDM2 configuration preset (EDM2 network and recipe)', metavar='edm2-img64-s|...', type=click.Choice(list(EDM2_PRESETS)))
+@click.option('--decay',         help='EDM2 learning rate decay t_ref  [default: preset]', metavar='BATCHES', type=click.FloatRange(min=0))
+@click.option('--P_mean', 'P_mean', help='EDM2 noise level mean  [default: preset]', metavar='FLOAT',  type=float)
+@click.option('--P_std', 'P_std',  help='EDM2 noise level std  [default: preset]', metavar='FLOAT',    type=click.FloatRange(min=0, min_open=True))
 @click.option('--dropout',       help='Dropout probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
 @click.option('--label-dropout', help='Class label dropout probability, for classifier-free guidance', metavar='FLOAT', type=click.FloatRange(min=0, max=1, max_open=True))
 @click.option('--augment',       help='Augment probability', metavar='FLOAT',                       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
@@ -443,6 +513,11 @@ def main(**kwargs):
     ctx = click.get_current_context()
     given = {name for name in kwargs if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     try:
+        opts = apply_preset(opts, given)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    opts.update(augment_given=('augment' in given), fp16_given=('fp16' in given))
+    try:
         device = dist.init(opts.device)
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
@@ -505,8 +580,11 @@ def main(**kwargs):
     dist.print0(f'Output directory:        {c.run_dir}')
     dist.print0(f'Dataset path:            {c.dataset_kwargs.path}')
     dist.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    dist.print0(f'Network architecture:    {opts.arch}')
-    dist.print0(f'Preconditioning & loss:  {opts.precond}')
+    if opts.get('preset') is not None:
+        dist.print0(f'EDM2 preset:             {opts.preset}')
+    else:
+        dist.print0(f'Network architecture:    {opts.arch}')
+        dist.print0(f'Preconditioning & loss:  {opts.precond}')
     dist.print0(f'Number of {"GPUs:     " if device.type == "cuda" else "processes:"}     {dist.get_world_size()}')
     dist.print0(f'Batch size:              {c.batch_size}')
     dist.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')

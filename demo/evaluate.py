@@ -24,6 +24,7 @@ import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.network_io import load_network_pkl # pylint: disable=wrong-import-position
 from training.sampling import StackedRandomGenerator, edm_sampler, check_guidance, parse_guidance_interval # pylint: disable=wrong-import-position
+from training.generation_edm2 import edm2_sampler, is_edm2_network # pylint: disable=wrong-import-position
 from fid import calculate_fid_from_inception_stats # pylint: disable=wrong-import-position
 from torch_utils.misc import choose_device # pylint: disable=wrong-import-position
 
@@ -70,7 +71,11 @@ def sample_digits(net, num, steps, device, batch=250, **guidance_kwargs):
         rnd = StackedRandomGenerator(device, batch_seeds)
         latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution])
         class_labels = torch.eye(net.label_dim, device=device)[torch.as_tensor(classes[start:start + batch], device=device)]
-        x = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, **guidance_kwargs)
+        if is_edm2_network(net): # EDM2: the EDM2 release's sampler, guided by gnet (training/generation_edm2.py)
+            x = edm2_sampler(net, latents, class_labels, gnet=guidance_kwargs.get('gnet'), guidance=guidance_kwargs.get('guidance', 1),
+                             randn_like=rnd.randn_like, num_steps=steps)
+        else:
+            x = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=steps, **guidance_kwargs)
         images.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8)[:, 0].cpu().numpy())
     return np.concatenate(images), classes
 
@@ -98,8 +103,13 @@ def main(network_pkl, num, steps, device, guidance, gnet_pkl, guidance_interval,
         device = choose_device(device)
         net = load_network_pkl(network_pkl, allow_code=allow_code).to(device)
         gnet = load_network_pkl(gnet_pkl, allow_code=allow_code).to(device) if gnet_pkl is not None else None
-        check_guidance(net, gnet, guidance)
+        if not is_edm2_network(net):
+            check_guidance(net, gnet, guidance)
+        elif guidance != 1 and gnet is None:
+            raise ValueError('--guidance: an EDM2 network is guided by a --gnet (autoguidance)')
         guidance_interval = parse_guidance_interval(guidance_interval)
+        if guidance_interval is not None and is_edm2_network(net):
+            raise ValueError('--guidance-interval: the EDM2 sampler guides at every noise level')
     except (ValueError, IOError) as err:
         raise click.ClickException(str(err))
 

@@ -75,6 +75,12 @@ def constant(value, shape=None, dtype=None, device=None, memory_format=None):
         _constant_cache[key] = tensor
     return tensor
 
+def const_like(ref, value, shape=None, dtype=None, device=None, memory_format=None):
+    """constant() with the dtype and device of tensor `ref` by default (the EDM2 release's code, which its
+    pickles carry and run when loaded in full, calls it)."""
+    return constant(value, shape=shape, dtype=(ref.dtype if dtype is None else dtype),
+                    device=(ref.device if device is None else device), memory_format=memory_format)
+
 #----------------------------------------------------------------------------
 # Symbolic assert for tensor shapes; None matches any size.
 

@@ -140,7 +140,8 @@ def _reconstruct_persistent_obj(meta):
 # Safe loading: unpickle without running code carried by the file.
 
 # The modules whose persistent classes a pickle may name without --allow-code.
-SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment')
+SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment',
+                'training.networks_edm2', 'training.loss_edm2', 'training.encoders') # EDM2: its Precond, EDM2Loss, encoders
 
 # Plain globals that safe loading resolves: tensors, arrays and containers.
 _SAFE_GLOBALS = {

@@ -10,6 +10,7 @@ from torch_utils import persistence
 
 # What the samplers, generate.py and fid.py use of a network: the preconditioners all have these.
 NETWORK_ATTRS = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
+EDM2_NETWORK_ATTRS = NETWORK_ATTRS[:3] # EDM2's Precond states no noise range (training/generation_edm2.py samples it)
 
 #----------------------------------------------------------------------------
 
@@ -47,7 +48,7 @@ def load_network_data(network_pkl, key='ema', verbose=True, allow_code=False):
         found = ', '.join(map(str, data.keys())) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f'{network_pkl} holds no {key!r} network (found: {found})')
     net = data[key]
-    missing = [name for name in NETWORK_ATTRS if not hasattr(net, name)]
+    missing = [name for name in (EDM2_NETWORK_ATTRS if type(net).__name__ == 'Precond' else NETWORK_ATTRS) if not hasattr(net, name)]
     if not isinstance(net, torch.nn.Module) or missing:
         raise ValueError(f'{network_pkl}: {key!r} holds a {type(net).__name__}, not a preconditioned network'
                          + (f' (it lacks {", ".join(missing)})' if missing else ''))

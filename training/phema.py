@@ -26,6 +26,7 @@ from training import network_io
 from training.networks import set_fast_paths
 
 SNAPSHOT_RE = re.compile(r'phema-(\d+)-(\d+\.\d+)\.pkl')
+EDM2_SNAPSHOT_RE = re.compile(r'network-snapshot-(\d{7})-(\d+\.\d+)\.pkl') # the EDM2 release's runs: kimg, sigma_rel in the name
 MAX_SIGMA_REL = (1 / 12) ** 0.5 # sigma_rel of gamma = 0 (a plain average); no gamma > 0 is wider
 
 #----------------------------------------------------------------------------
@@ -88,7 +89,9 @@ def profile_inner_products(gammas_a, times_a, gammas_b, times_b):
     return (g_i + 1) * (g_j + 1) / (g_i + g_j + 1) * (m / T_i) ** (g_i + 1) * (m / T_j) ** (g_j + 1) / m
 
 def solve_coefficients(gammas, times, gamma_r, time_r):
-    """Coefficients x minimising ||sum_i x_i p_i - p_r||, for stored profiles (gammas, times) and the target (gamma_r, time_r).
+    """Coefficients x minimising ||sum_i x_i p_i - p_r||, for stored profiles (gammas, times) and the target (gamma_r, time_r),
+    scaled to sum to 1 (Algorithm 3 of the paper, as the EDM2 release solves it): the result is a weighted average of
+    the stored weights, so that it keeps their scale (unscaled, sigma_rel 0.02 from 0.05/0.10 would shrink them by 3%).
 
     Returns (x, residual), residual = ||sum_i x_i p_i - p_r|| / ||p_r||, the relative L2 distance of the profiles.
     Times may count steps or images; they are divided by time_r, which leaves x unchanged.
@@ -97,6 +100,7 @@ def solve_coefficients(gammas, times, gamma_r, time_r):
     A = profile_inner_products(gammas, times, gammas, times)
     b = profile_inner_products(gammas, times, [gamma_r], [1.0])[:, 0]
     x = np.linalg.lstsq(A, b, rcond=None)[0] # A is ill-conditioned: SVD-based least squares
+    x = x / np.sum(x) # a weighted average: sum_i x_i = 1
     p_r_sq = profile_inner_products([gamma_r], [1.0], [gamma_r], [1.0])[0, 0]
     residual = np.sqrt(max(x @ A @ x - 2 * (b @ x) + p_r_sq, 0) / p_r_sq)
     return x, float(residual)
@@ -190,13 +194,21 @@ def list_snapshots(run_dir):
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f'run directory not found: {run_dir}')
     found = sorted((int(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
-                   for m in [SNAPSHOT_RE.fullmatch(name)] if m)
+                   for m in [SNAPSHOT_RE.fullmatch(name) or EDM2_SNAPSHOT_RE.fullmatch(name)] if m)
     if not found:
-        raise ValueError(f'{run_dir} holds no phema-NNNNNN-S.SSS.pkl snapshots (train with --phema)')
+        raise ValueError(f'{run_dir} holds no phema-NNNNNN-S.SSS.pkl snapshots (train with --phema), '
+                         f'nor the EDM2 release\'s network-snapshot-NNNNNNN-S.SSS.pkl')
     return found
 
+def edm2_kimg_to_nimg(kimg):
+    """The training time of an EDM2 release snapshot named by kimg = nimg // 1000: its runs save at multiples of 1024 images."""
+    return (kimg * 1000 + 999) // 1024 * 1024
+
 def _read_profile(path):
-    """(gamma, nimg) recorded in a phema snapshot."""
+    """(gamma, nimg) recorded in a phema snapshot, or given by the name of an EDM2 release snapshot."""
+    match = EDM2_SNAPSHOT_RE.fullmatch(os.path.basename(path))
+    if match:
+        return sigma_rel_to_gamma(float(match.group(2))), edm2_kimg_to_nimg(int(match.group(1)))
     info = network_io.load_network_data(path, verbose=False).get('phema')
     if not isinstance(info, dict) or 'gamma' not in info or 'nimg' not in info:
         raise ValueError(f'{path} records no power-function profile (its "phema" entry with gamma and nimg)')
@@ -217,7 +229,7 @@ def reconstruct(run_dir, stds, at_kimg=None, verbose=True):
         raise ValueError(f'--at={at_kimg}: {run_dir} has phema snapshots at kimg {", ".join(map(str, kimgs))}')
     snapshots = [(kimg, path, *_read_profile(path)) for kimg, path in snapshots if kimg <= at_kimg]
     time_r = max(nimg for kimg, _, _, nimg in snapshots if kimg == at_kimg)
-    snapshots = [s for s in snapshots if s[3] <= time_r]
+    snapshots = [s for s in snapshots if 0 < s[3] <= time_r] # (at time 0 a profile has no width)
     _, paths, gammas, times = zip(*snapshots)
     solutions = [solve_coefficients(gammas, times, sigma_rel_to_gamma(std), time_r) for std in stds]
     if verbose:
@@ -247,6 +259,8 @@ def reconstruct(run_dir, stds, at_kimg=None, verbose=True):
                 param.copy_(acc[name].to(param.dtype))
         data = dict(ema=net, loss_fn=template.get('loss_fn'), augment_pipe=template.get('augment_pipe'),
                     dataset_kwargs=template.get('dataset_kwargs'))
+        if template.get('encoder') is not None: # EDM2 snapshots: what decodes the network's output
+            data['encoder'] = template['encoder']
         results.append((std, data, residual))
     return time_r, results
 

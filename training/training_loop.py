@@ -31,6 +31,7 @@ from training.image_io import images_to_uint8, save_image_grid
 from training.loss_scale import DynamicLossScale
 from training.networks import set_fast_paths
 from training.phema import PowerFunctionEMA
+from training.generation_edm2 import default_encoder, edm2_images, is_edm2_network
 from training.sampling import edm_sampler, StackedRandomGenerator
 from training.stop_request import StopRequest, agree_to_stop
 from training.training_state import load_state_dump # pylint: disable=unused-import # also importable from here
@@ -111,9 +112,12 @@ def fused_adam_kwargs(optimizer_kwargs, device):
 #----------------------------------------------------------------------------
 # Network snapshots.
 
-def _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency=False):
-    """What a network snapshot holds: the faithful EMA network, loss and augmentation (copies, eval, on the CPU)."""
+def _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency=False, encoder=None):
+    """What a network snapshot holds: the faithful EMA network, loss and augmentation (copies, eval, on the CPU);
+    EDM2 runs add the `encoder` that decodes the network's output to pixels, as EDM2 pickles hold it."""
     data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
+    if encoder is not None:
+        data['encoder'] = encoder
     for key, value in data.items():
         if isinstance(value, torch.nn.Module):
             value = copy.deepcopy(value).eval().requires_grad_(False)
@@ -167,6 +171,8 @@ class TrainingStep:
         precision               = 'fp32',   # bf16 = autocast.
         fast                    = False,    # One fused kernel per parameter group for the EMA.
         phema                   = None,     # training.phema.PowerFunctionEMA, None = disable.
+        lr_kwargs               = None,     # Learning rate schedule lr(cur_nimg, batch_size) by func_name (EDM2), None = lr with the ramp-up.
+        encoder                 = None,     # Encoder of an EDM2 run, kept for its snapshots (the data is in [-1, 1] either way).
     ):
         self.net, self.ema, self.loss_fn, self.optimizer, self.augment_pipe = net, ema, loss_fn, optimizer, augment_pipe
         self.ddp = ddp if ddp is not None else net
@@ -176,6 +182,7 @@ class TrainingStep:
         self.batch_gpu = self.batch_gpu_total // num_accumulation_rounds
         self.loss_scale, self.loss_scaling, self.lr_rampup_kimg = loss_scale, loss_scaling, lr_rampup_kimg
         self.ema_halflife_kimg, self.ema_rampup_ratio, self.fast, self.phema = ema_halflife_kimg, ema_rampup_ratio, fast, phema
+        self.lr_kwargs, self.encoder = (dict(lr_kwargs) if lr_kwargs else None), encoder
         self.autocast_dtype = torch.bfloat16 if precision == 'bf16' else None
         device = next(net.parameters()).device
         self.loss_sum = torch.zeros([], dtype=torch.float64, device=device) # this rank's loss sum of the tick: read once per tick
@@ -206,8 +213,12 @@ class TrainingStep:
 
     def update_weights(self, cur_nimg):
         """Optimizer step; float16: a step whose gradients overflowed is skipped (the others are all finite)."""
+        if self.lr_kwargs is not None:
+            lr = dnnlib.util.call_func_by_name(cur_nimg=cur_nimg, batch_size=self.batch_size, **self.lr_kwargs)
+        else:
+            lr = self.lr * min(cur_nimg / max(self.lr_rampup_kimg * 1000, 1e-8), 1)
         for g in self.optimizer.param_groups:
-            g['lr'] = self.lr * min(cur_nimg / max(self.lr_rampup_kimg * 1000, 1e-8), 1)
+            g['lr'] = lr
         if self.loss_scale is not None:
             training_stats.report('Loss/skipped_step', self.loss_scale.step(self.optimizer, self.net.parameters()))
             return
@@ -353,9 +364,12 @@ def _report_loss_scale(loss_scale, warned):
 
 SAMPLE_STEPS = 16 # sampler steps of the grid written with each snapshot (NFE 31)
 
-def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS):
+def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS, encoder=None):
     """uint8 [N, H, W, C] images of seeds 0..N-1 with the EDM sampler, as generate.py draws them (latents,
     then labels, one generator per seed)."""
+    if is_edm2_network(net): # the EDM2 release's sampler, the same draws, and decoding (training/generation_edm2.py)
+        images = edm2_images(net, encoder or default_encoder(None), list(range(num_images)), device, num_steps=num_steps)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
     rnd = StackedRandomGenerator(device, list(range(num_images)))
     latents = rnd.randn([num_images, net.img_channels, net.img_resolution, net.img_resolution], device=device)
     class_labels = None
@@ -368,12 +382,13 @@ def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS):
 def _save_snapshot(run_dir, label, step, dataset_kwargs, device):
     """network-snapshot-*.pkl (the EMA network, loss and augmentation) and samples-*.png (a grid of the EMA
     network's images of fixed seeds, one white pixel apart: 8x8 on CUDA, 4x4 elsewhere) by rank 0."""
-    data = _snapshot_data(step.ema, step.loss_fn, step.augment_pipe, dataset_kwargs, check_consistency=(dist.get_world_size() > 1))
+    data = _snapshot_data(step.ema, step.loss_fn, step.augment_pipe, dataset_kwargs, check_consistency=(dist.get_world_size() > 1),
+                          encoder=step.encoder)
     if dist.get_rank() != 0:
         return
     training_state.write_file(training_state.snapshot_path(run_dir, label), pickle.dump, data)
     grid_size = (8, 8) if device.type == 'cuda' else (4, 4)
-    images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device)
+    images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device, encoder=step.encoder)
     save_image_grid(images, training_state.samples_path(run_dir, label), grid_size=grid_size, gap=1)
 
 def _open_tensorboard(run_dir):
@@ -426,6 +441,8 @@ def training_loop(
     precision           = 'fp32',   # fp32 (faithful), tf32 (TF32 matmul/conv on CUDA), bf16 (autocast, float32 master weights).
     compile             = False,    # torch.compile the network for the training step?
     phema_kwargs        = None,     # Options of the power-function EMAs (training.phema.PowerFunctionEMA), None = disable.
+    lr_kwargs           = None,     # Learning rate schedule (EDM2: training.loss_edm2.learning_rate_schedule), None = lr_rampup_kimg.
+    encoder_kwargs      = None,     # Encoder saved with EDM2 snapshots (training.encoders.StandardRGBEncoder), None = none.
     tensorboard         = False,    # Also write the statistics as TensorBoard events (rank 0)?
     allow_code          = False,    # Load resume files that name code other than ours (runs the code they carry)?
 ):
@@ -460,14 +477,16 @@ def training_loop(
                         augment_pipe=augment_pipe, ddp=ddp, train_net=(torch.compile(ddp) if compile else ddp),
                         loss_scale=(DynamicLossScale(loss_scaling, device=device) if getattr(net, 'use_fp16', False) else None),
                         loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
-                        ema_rampup_ratio=ema_rampup_ratio, precision=precision, fast=fast)
+                        ema_rampup_ratio=ema_rampup_ratio, precision=precision, fast=fast, lr_kwargs=lr_kwargs,
+                        encoder=(dnnlib.util.construct_class_by_name(**encoder_kwargs) if encoder_kwargs else None))
 
     # Resume training: weights, progress, random streams; power-function EMAs (training/phema.py).
     training_state.resume_weights(step, state, resume_state_dump, resume_pkl=resume_pkl, allow_code=allow_code)
     progress = training_state.resume_progress(state, cur_nimg, device)
     if phema_kwargs:
         step.phema = PowerFunctionEMA(net, **phema_kwargs, run_dir=run_dir, resume_state=state, snapshot_data=dict(
-            loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs)))
+            loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs),
+            **({'encoder': step.encoder} if step.encoder is not None else {})))
     del state
 
     # Train.
