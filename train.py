@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import phema, training_loop
+from training import class_names, phema, training_loop
 
 #----------------------------------------------------------------------------
 # Presets: network architectures and preconditioning/loss pairs.
@@ -111,6 +111,8 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         c.phema_kwargs = dnnlib.EasyDict(stds=phema.parse_stds(opts.phema, '--phema'), snapshot_kimg=opts.get('phema_snap'))
     elif opts.get('phema_snap') is not None:
         raise ValueError('--phema-snap needs --phema (the relative standard deviations to track)')
+    if opts.get('safetensors'): # recorded only when used, as precision
+        c.safetensors = True
     check_batch(opts.batch, opts.batch_gpu, world_size)
 
     # Random seed.
@@ -253,7 +255,7 @@ OPTION_KEYS = {
     'bench': ['cudnn_benchmark'], 'precision': ['precision'], 'compile': ['compile'], 'tick': ['kimg_per_tick'],
     'snap': ['snapshot_ticks'], 'dump': ['state_dump_ticks'], 'seed': ['seed'], 'label_dropout': ['network_kwargs.label_dropout'],
 }
-RUN_SPECIFIC = ('run_dir', 'resume_pkl', 'resume_state_dump', 'resume_kimg', 'tensorboard') # not part of what a run trains
+RUN_SPECIFIC = ('run_dir', 'resume_pkl', 'resume_state_dump', 'resume_kimg', 'tensorboard', 'safetensors') # not part of what a run trains
 
 def _lookup(config, dotted):
     for key in dotted.split('.'):
@@ -336,6 +338,7 @@ def check_given_options(recorded, opts, given, world_size, device_type):
 def resume_config(run_dir, recorded, opts, given):
     """The config that continues run_dir in place from its newest training state: its recorded options (--duration
     and --tensorboard may change), with the state as resume_state_dump and the kimg it resumes from."""
+    class_names.check_options(recorded, os.path.join(run_dir, 'training_options.json')) # builds only our classes
     state, kimg = latest_state(run_dir)
     if state is None:
         raise ValueError(f'--resume: {run_dir} holds no training-state-NNNNNN.pt to continue from')
@@ -344,6 +347,8 @@ def resume_config(run_dir, recorded, opts, given):
         c.total_kimg = max(int(opts.duration * 1000), 1)
     if opts.tensorboard or recorded.get('tensorboard'):
         c.tensorboard = True
+    if opts.get('safetensors') or recorded.get('safetensors'):
+        c.safetensors = True
     snapshot = os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pkl')
     if os.path.isfile(snapshot):
         c.resume_pkl = snapshot
@@ -412,6 +417,7 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--resume',        help='Resume from previous training state, or continue a run', metavar='PT|DIR|latest', type=str)
 @click.option('--tensorboard',   help='Also write the statistics as TensorBoard events',            is_flag=True)
 @click.option('--allow-code',    help='Load --transfer/--resume files that name code other than ours', is_flag=True)
+@click.option('--safetensors',   help='Also write each snapshot\'s EMA as .safetensors (no code)', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
 
 def main(**kwargs):
@@ -498,6 +504,13 @@ def main(**kwargs):
         if run_dir is not None:
             dist.print0(f'Continuing the interrupted run {run_dir} (same options)')
             return continue_run(resume_config(run_dir, read_options(run_dir), opts, given), run_dir, opts, device)
+
+    # A training state that cannot be resumed fails here, before a run folder is created (read again by the loop).
+    if c.get('resume_state_dump') is not None and not opts.dry_run:
+        try:
+            training_loop.load_state_dump(c.resume_state_dump, allow_code=opts.allow_code)
+        except (ValueError, IOError) as err:
+            raise click.ClickException(str(err)) from None
 
     # Pick output directory (created below).
     c.run_dir = pick_run_dir(opts.outdir, desc, opts.nosubdir) if dist.get_rank() == 0 else None

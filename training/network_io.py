@@ -4,6 +4,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
+from training import safetensors_io
 
 # What the samplers, generate.py and fid.py use of a network: the preconditioners all have these.
 NETWORK_ATTRS = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
@@ -11,10 +12,11 @@ NETWORK_ATTRS = ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'si
 #----------------------------------------------------------------------------
 
 def load_network_pkl(network_pkl, key='ema', verbose=True, allow_code=False):
-    """Return `pickle.load(f)[key]` for a network pickle given as a path or URL.
+    """Return `pickle.load(f)[key]` for a network pickle given as a path or URL, or the network of a
+    .safetensors file (training/safetensors_io.py).
 
     Safe by default: persistent objects are rebuilt from this project's classes and
-    the source they carry is never run (torch_utils.persistence.load); allow_code=True
+    the source they carry is never run (torch_utils/safe_pickle.py); allow_code=True
     unpickles in full. Raises ValueError (or IOError for failed downloads) with a
     one-line message naming the file when it is missing, unreadable, not a pickle,
     names code that safe loading refuses, lacks `key`, or holds something other than
@@ -22,24 +24,34 @@ def load_network_pkl(network_pkl, key='ema', verbose=True, allow_code=False):
     """
     return load_network_data(network_pkl, key=key, verbose=verbose, allow_code=allow_code)[key]
 
+def _read_network_file(network_pkl, key, verbose, allow_code):
+    path = dnnlib.util.open_url(network_pkl, verbose=verbose, return_filename=True)
+    if safetensors_io.is_safetensors(path):
+        return {key: safetensors_io.load_network(path)}
+    with dnnlib.util.open_regular(path) as f:
+        return persistence.load(f, allow_code=allow_code, name=network_pkl)
+
 def load_network_data(network_pkl, key='ema', verbose=True, allow_code=False):
     """The whole dict of a network pickle (the network under `key` checked as load_network_pkl does)."""
     try:
-        with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
-            data = persistence.load(f, allow_code=allow_code)
-    except persistence.CodeNotAllowedError as err:
-        raise ValueError(persistence.refused_message(network_pkl, err)) from None
+        data = _read_network_file(network_pkl, key, verbose, allow_code)
     except FileNotFoundError:
         raise ValueError(f'network pickle not found: {network_pkl}') from None
     except IsADirectoryError:
         raise ValueError(f'network pickle is a directory, not a file: {network_pkl}') from None
     except PermissionError:
         raise ValueError(f'network pickle is not readable: {network_pkl}') from None
-    except dnnlib.util.UNPICKLING_ERRORS as err:
-        raise ValueError(f'{network_pkl} is not a readable network pickle ({type(err).__name__}: {err})') from None
+    except dnnlib.util.DownloadError as err:
+        raise IOError(str(err)) from None
+    except Exception as err: # pylint: disable=broad-exception-caught
+        if isinstance(err, OSError) and dnnlib.util.is_url(network_pkl) and network_pkl in str(err):
+            raise IOError(' '.join(str(err).split())) from None # a failed download names the URL
+        if isinstance(err, ValueError) and network_pkl in str(err) and '\n' not in str(err):
+            raise ValueError(str(err)) from None # already one line naming the file
+        raise ValueError(persistence.load_error_message(network_pkl, 'network pickle', err)) from None
     if not isinstance(data, dict) or key not in data:
         found = ', '.join(map(str, data.keys())) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f'{network_pkl} holds no {key!r} network (found: {found})')
+        raise ValueError(f'{network_pkl} holds no {key!r} network (found: {found[:200]})')
     net = data[key]
     missing = [name for name in NETWORK_ATTRS if not hasattr(net, name)]
     if not isinstance(net, torch.nn.Module) or missing:

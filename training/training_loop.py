@@ -26,7 +26,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
-from training import network_io, training_state
+from training import network_io, resume_checks, safetensors_io, training_state
 from training.image_io import images_to_uint8, save_image_grid
 from training.loss_scale import DynamicLossScale
 from training.networks import set_fast_paths
@@ -112,22 +112,23 @@ def fused_adam_kwargs(optimizer_kwargs, device):
 def load_state_dump(path, allow_code=False):
     """Load a training-state-NNNNNN.pt written by us or by the reference release.
 
-    These files hold whole pickled modules: they are unpickled with the safe
-    loader of torch_utils.persistence (our classes, tensors, arrays), or in
-    full with allow_code=True.
+    These files hold whole pickled modules: they are read with the safe loader of
+    torch_utils/safe_pickle.py (our classes, tensors, arrays; never torch.load), or
+    in full with allow_code=True. Counters and generator states are checked
+    (training/resume_checks.py). Any failure is a one-line ValueError naming the file.
     """
     try:
-        with open(path, 'rb') as f:
-            data = persistence.torch_load(f, allow_code=allow_code)
-    except persistence.CodeNotAllowedError as err:
-        raise ValueError(persistence.refused_message(path, err)) from None
+        with dnnlib.util.open_regular(path) as f:
+            data = persistence.torch_load(f, allow_code=allow_code, name=path)
     except FileNotFoundError:
         raise FileNotFoundError(f'training state not found: {path}') from None
-    except (RuntimeError, *dnnlib.util.UNPICKLING_ERRORS) as err:
-        raise ValueError(f'{path} is not a readable training state ({type(err).__name__}: {err})') from None
+    except Exception as err: # pylint: disable=broad-exception-caught
+        if isinstance(err, ValueError) and path in str(err) and '\n' not in str(err):
+            raise ValueError(str(err)) from None
+        raise ValueError(persistence.load_error_message(path, 'training state', err)) from None
     if not isinstance(data, dict) or 'net' not in data or 'optimizer_state' not in data:
         raise ValueError(f'{path} is not a training state: it lacks the "net" and "optimizer_state" entries')
-    return data
+    return resume_checks.check_state(data, path)
 
 def _copy_by_name(src_module, dst_module, source_name):
     """Copy parameters and buffers by name (not all required); say which names the source lacks."""
@@ -446,13 +447,15 @@ def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS):
         images = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
     return images_to_uint8(images)
 
-def _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device):
+def _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device, safetensors=False):
     """network-snapshot-NNNNNN.pkl (the EMA network, loss and augmentation) and samples-NNNNNN.png (a grid of
     the EMA network's images of fixed seeds: 8x8 on CUDA, 4x4 elsewhere) by rank 0."""
     data = _snapshot_data(step.ema, step.loss_fn, step.augment_pipe, dataset_kwargs, check_consistency=(dist.get_world_size() > 1))
     if dist.get_rank() != 0:
         return
     training_state.write_file(training_state.snapshot_path(run_dir, cur_nimg), pickle.dump, data)
+    if safetensors: # the same EMA weights in a format that carries no code: network-snapshot-NNNNNN.safetensors
+        safetensors_io.save_network(data['ema'], training_state.snapshot_path(run_dir, cur_nimg)[:-len('.pkl')] + '.safetensors')
     grid_size = (8, 8) if device.type == 'cuda' else (4, 4)
     images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device)
     save_image_grid(images, training_state.samples_path(run_dir, cur_nimg), grid_size=grid_size)
@@ -528,6 +531,7 @@ def training_loop(
     phema_kwargs        = None,     # Options of the power-function EMAs (training.phema.PowerFunctionEMA), None = disable.
     tensorboard         = False,    # Also write the statistics as TensorBoard events (rank 0)?
     allow_code          = False,    # Load resume files that name code other than ours (runs the code they carry)?
+    safetensors         = False,    # Also write each snapshot's EMA as .safetensors (training/safetensors_io.py)?
 ):
     """Train; returns dnnlib.EasyDict(cur_nimg, stopped): stopped is True after a stop request (SIGTERM/SIGINT)."""
     dataset_kwargs, data_loader_kwargs = dict(dataset_kwargs or {}), dict(data_loader_kwargs or {})
@@ -604,7 +608,7 @@ def training_loop(
             if step.loss_scale is not None:
                 warned_stalled = _report_loss_scale(step.loss_scale, warned_stalled)
             if interrupted or ((snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0)):
-                _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device)
+                _save_snapshot(run_dir, cur_nimg, step, dataset_kwargs, device, safetensors)
                 if step.phema is not None:
                     step.phema.snapshot(cur_nimg, done)
             if interrupted or ((state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0):
