@@ -46,6 +46,9 @@ def save_network(net, path):
     tensors = {name: t.detach().to('cpu', copy=True).contiguous() for name, t in net.state_dict().items()}
     with dnnlib.util.atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask) # as open() would create it
 
 def load_network(path):
     """The network of a .safetensors file: its class checked against NETWORK_CLASSES, its shapes against the
