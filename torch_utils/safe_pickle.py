@@ -418,9 +418,10 @@ class SafeUnpickler(_Base):
     """Unpickles only what the allow-list resolves; every call goes through a checked constructor."""
     dispatch = dict(_Base.dispatch)
 
-    def __init__(self, file, name='the file', storage_loader=None, **kwargs):
+    def __init__(self, file, name='the file', storage_loader=None, nested=False, **kwargs):
         super().__init__(file if isinstance(file, BoundedReader) else BoundedReader(file, name), **kwargs)
         self._storage_loader = storage_loader
+        self._nested = nested # inside a nested storage: the outer load checks the depth of the whole
 
     def find_class(self, module, name):
         if not isinstance(module, str) or not isinstance(name, str):
@@ -433,7 +434,8 @@ class SafeUnpickler(_Base):
         return self._storage_loader(pid)
 
     def load(self):
-        return check_depth(super().load())
+        result = super().load()
+        return result if self._nested else check_depth(result)
 
     # Calls.
     def load_reduce(self):
@@ -521,13 +523,15 @@ class SafeUnpickler(_Base):
         target.append(value)
     dispatch[pickle.APPEND[0]] = load_append
 
+_checked_ids = None
+
 def _is_checked(func):
     """Only the constructors of the table are called (classes such as torch.Tensor or ndarray are not)."""
-    global _table # pylint: disable=global-statement
-    if _table is None:
-        _table = _callables()
-    return any(func is f for f in _table.values() if not isinstance(f, type)) or getattr(func, '__qualname__', '').startswith(
-        ('_np_dtype_class.', '_mapping.', '_items.', '_numbers.'))
+    global _table, _checked_ids # pylint: disable=global-statement
+    if _checked_ids is None:
+        _table = _table or _callables()
+        _checked_ids = {id(f) for f in _table.values() if not isinstance(f, type)}
+    return id(func) in _checked_ids or getattr(func, '__qualname__', '').startswith('_np_dtype_class.')
 
 def _new(cls, args):
     """NEWOBJ: cls.__new__(cls) for allowed classes, without arguments."""
@@ -639,7 +643,7 @@ def load_torch_legacy(file, name):
     """torch.save's legacy format (used for storages nested in plain pickles): five pickles, then the storages' bytes."""
     reader = BoundedReader(file, name)
     def unpickle(storage_loader=None):
-        return SafeUnpickler(reader, name, storage_loader=storage_loader).load()
+        return SafeUnpickler(reader, name, storage_loader=storage_loader, nested=True).load()
     if unpickle() != LEGACY_MAGIC:
         raise UnsafeDataError('not a file of torch.save')
     if unpickle() != 1001:
