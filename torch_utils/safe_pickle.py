@@ -22,6 +22,7 @@ import zipfile
 MAX_DEPTH       = 100       # Nesting of containers (and of tuple keys before they are hashed).
 MAX_KEY_NODES   = 10000     # Tuples visited in one dict key or set item (tuple DAGs hash in exponential time).
 MAX_LINE        = 1 << 16   # Longest line of a text opcode (protocol 0).
+MAX_FRAME       = 1 << 22   # Longest frame (protocol 4): pickle writes frames of about 64 KiB, large data outside them.
 
 # numpy dtypes that arrays and scalars may have: plain numbers (no objects, records, strings).
 PLAIN_DTYPES = ('b1', 'i1', 'u1', 'i2', 'u2', 'i4', 'u4', 'i8', 'u8', 'f2', 'f4', 'f8', 'c8', 'c16')
@@ -436,6 +437,13 @@ class SafeUnpickler(_Base):
     def load(self):
         result = super().load()
         return result if self._nested else check_depth(result)
+
+    def load_frame(self):
+        frame_size, = struct.unpack('<Q', self.read(8))
+        if frame_size > MAX_FRAME:
+            raise UnsafeDataError(f'it declares a frame of {frame_size} bytes (pickle writes at most about 64 KiB)')
+        self._unframer.load_frame(frame_size)
+    dispatch[pickle.FRAME[0]] = load_frame
 
     # Calls.
     def load_reduce(self):

@@ -30,7 +30,7 @@ def _check_numpy_state(value, what, path):
 
 def _check_rng_state(rng, path):
     if not isinstance(rng, dict) or not {'torch', 'numpy', 'python'} <= set(rng):
-        raise ValueError(f'{path}: a random generator state lacks its torch, numpy or python entry')
+        raise ValueError(f'{path}: rng_states holds a generator state without its torch, numpy or python entry')
     try:
         t = rng['torch']
         if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.shape != torch.get_rng_state().shape:
@@ -41,8 +41,8 @@ def _check_rng_state(rng, path):
         if cuda is not None and (not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8 or cuda.numel() > 1 << 16):
             raise TypeError('the cuda state')
     except Exception as err: # pylint: disable=broad-exception-caught
-        raise ValueError(f'{path}: a random generator state is not one that training writes ({type(err).__name__}: {err})'[:300]) from None
-    _check_numpy_state(rng['numpy'], 'a numpy generator state', path)
+        raise ValueError(f'{path}: rng_states holds a generator state that training does not write ({type(err).__name__}: {err})'[:300]) from None
+    _check_numpy_state(rng['numpy'], 'the numpy state in rng_states', path)
 
 def check_state(state, path):
     """Raise ValueError naming `path` unless the state's counters, data order and generator states are sound:
