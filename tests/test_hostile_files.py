@@ -296,3 +296,33 @@ def test_empty_cache_dir_is_unset(monkeypatch):
     assert util.make_cache_dir_path('downloads') == os.path.join('/home/someone', '.cache', 'dnnlib', 'downloads')
 
 #----------------------------------------------------------------------------
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header('Content-Length', str(1 << 20))
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b'x')
+                self.wfile.flush()
+                threading.Event().wait(0.2)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+def test_trickling_server_fails(tmp_path, monkeypatch):
+    from dnnlib import util
+    monkeypatch.setattr(util, 'RATE_WINDOW', 1) # seconds over which min_rate is measured (20 by default)
+    server, url = _serve(_Trickle)
+    try:
+        with pytest.raises(IOError, match='bytes/s'):
+            util.open_url(url, cache_dir=str(tmp_path), verbose=False, min_rate=1000)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert os.listdir(tmp_path) == []
+
+#----------------------------------------------------------------------------
