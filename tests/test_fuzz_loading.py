@@ -15,12 +15,10 @@ import pickle
 import random
 import resource
 import signal
-import struct
 import sys
 import zipfile
 
 import numpy as np
-import pytest
 import torch
 
 

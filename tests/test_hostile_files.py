@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -324,5 +325,27 @@ def test_trickling_server_fails(tmp_path, monkeypatch):
         server.shutdown()
         server.server_close()
     assert os.listdir(tmp_path) == []
+
+#----------------------------------------------------------------------------
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_error(503)
+
+    def log_message(self, *args):
+        pass
+
+def test_server_errors_stop_retrying_after_the_stall_limit(tmp_path, monkeypatch):
+    from dnnlib import util
+    monkeypatch.setattr(util, 'STALL_SECONDS', 2) # retries end this long after the last progress (60 by default)
+    server, url = _serve(_Failing)
+    try:
+        with pytest.raises(IOError) as info:
+            util.open_url(url, cache_dir=str(tmp_path), verbose=False, num_attempts=10, retry_delay=0.5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    attempts = int(re.search(r'after (\d+) attempt', str(info.value)).group(1))
+    assert 'HTTP 503' in str(info.value) and attempts < 10 # backoff 0.5, 1, 2, ... s: it gives up before its 10 attempts
 
 #----------------------------------------------------------------------------

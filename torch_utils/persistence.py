@@ -8,7 +8,6 @@ import functools
 import inspect
 import io
 import pickle
-import re
 import sys
 import types
 import uuid

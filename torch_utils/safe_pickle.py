@@ -6,7 +6,6 @@ allocated, nesting is capped before anything is hashed, and nothing the file
 contains runs as code."""
 
 import collections
-import copyreg
 import io
 import math
 import os
@@ -89,7 +88,10 @@ def _ints(values, what):
     return tuple(_int(v, what) for v in values)
 
 def _short(value):
-    text = repr(value) if isinstance(value, (int, float, str, bytes, type(None))) else type(value).__name__
+    try:
+        text = repr(value) if isinstance(value, (int, float, str, bytes, type(None))) else type(value).__name__
+    except ValueError: # an integer of more digits than Python converts
+        text = type(value).__name__
     return text if len(text) <= 40 else text[:37] + '...'
 
 def _empty(value, what):
@@ -200,25 +202,29 @@ def _storage_bytes(storage):
     import torch
     if not isinstance(storage, torch.storage.TypedStorage):
         raise UnsafeDataError(f'a tensor is rebuilt on {_short(storage)}, not on a storage of the file')
-    return storage.nbytes(), storage.element_size(), storage.dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore') # TypedStorage is deprecated
+        return storage.nbytes(), storage.element_size(), storage.dtype
 
 def _rebuild_tensor(storage, offset, size, stride, dtype=None):
-    """A tensor viewing `storage`: its extent (computed without overflow) must lie within the storage."""
+    """A tensor viewing `storage`: its extent (computed without overflow) must lie within the storage. A dtype other
+    than the storage's (_rebuild_tensor_v3) is taken only on untyped (byte) storages."""
     import torch
-    nbytes, element_size, storage_dtype = _storage_bytes(storage)
+    nbytes, _, storage_dtype = _storage_bytes(storage)
     dtype = storage_dtype if dtype is None else dtype
-    if not isinstance(dtype, torch.dtype) or dtype.is_complex and dtype != storage_dtype or dtype.itemsize != element_size:
+    if not isinstance(dtype, torch.dtype) or (dtype != storage_dtype and storage_dtype != torch.uint8):
         raise UnsafeDataError(f'a tensor of {_short(dtype)} is rebuilt on a storage of {storage_dtype}')
+    element_size = dtype.itemsize
     offset, size, stride = _int(offset, 'a storage offset'), _ints(size, 'a tensor size'), _ints(stride, 'a tensor stride')
     if len(size) != len(stride):
         raise UnsafeDataError(f'a tensor has size {size} and stride {stride}')
     numel = math.prod(size)
     extent = 0 if numel == 0 else offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
     if extent * element_size > nbytes or numel > max(nbytes // element_size, 1) * (1 << 20):
-        raise UnsafeDataError(f'a tensor of size {list(size)} and stride {list(stride)} at offset {offset} '
+        raise UnsafeDataError(f'a tensor of size {list(size)[:8]} and stride {list(stride)[:8]} at offset {offset} '
                               f'reaches past its storage of {nbytes // element_size} elements')
     t = torch.empty((0,), dtype=dtype)
-    return t.set_(storage._untyped_storage, offset, size, stride)
+    return t.set_(storage._untyped_storage, offset, size, stride) # pylint: disable=protected-access
 
 def _tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
     _empty(backward_hooks, 'the backward hooks of a tensor')
@@ -388,7 +394,7 @@ def _plain_type(module, name):
         return obj if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == module else None
     if module == 'torch':
         obj = getattr(torch, name, None)
-        if isinstance(obj, torch.dtype) or (re.fullmatch(r'[A-Za-z]+Storage', name) and isinstance(obj, type)):
+        if isinstance(obj, torch.dtype) or (re.fullmatch(r'[A-Za-z0-9]+Storage', name) and isinstance(obj, type)):
             return obj
     if module == 'torch.storage' and name in ('UntypedStorage', 'TypedStorage'):
         return getattr(torch.storage, name)
