@@ -581,6 +581,8 @@ def plain_state(state, what):
     """The state of a module: a dict of attribute names (no dunder names) to values."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and k.isidentifier() and not k.startswith('__') for k in state):
         raise UnsafeDataError(f'the state of a {what} is not a dict of attribute names')
+    if any('hook' in k and v for k, v in state.items()): # module hooks are callables: a file may not install any
+        raise UnsafeDataError(f'the state of a {what} installs hooks')
     return state
 
 #----------------------------------------------------------------------------
