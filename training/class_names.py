@@ -5,6 +5,8 @@ one line each."""
 
 import importlib
 
+import torch
+
 #----------------------------------------------------------------------------
 
 # Networks (preconditioners) that a .safetensors header or a run's network_kwargs may name.
@@ -50,5 +52,42 @@ def check_options(options, source):
                 raise ValueError(f'{source}: {key} names a class ({value["class_name"]!r:.100}), which no option of a run does')
             check_class_name(value['class_name'], OPTION_CLASSES[key], f'{source} ({key})')
     return options
+
+#----------------------------------------------------------------------------
+# Construction arguments read from a file (a .safetensors header, init_kwargs of a pickle): checked before anything
+# of their size is allocated.
+
+def _largest_int(value):
+    """The largest integer in parsed JSON (iteratively: the JSON is as deep as the file makes it)."""
+    largest, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            largest = max(largest, item)
+        elif isinstance(item, (list, tuple, dict)):
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return largest
+
+def check_construction(path, cls, init_args, init_kwargs, shapes):
+    """The weights that the arguments read from a file construct must be those in the file (`shapes`): compared
+    on the meta device, before anything is allocated. Classes that compute constants while constructed (VPPrecond) cannot be built
+    there; for them no argument may exceed the largest dimension of the file's tensors."""
+    try:
+        with torch.device('meta'):
+            expected = {name: tuple(t.shape) for name, t in cls(*init_args, **init_kwargs).state_dict().items()}
+    except (RuntimeError, NotImplementedError):
+        largest = max((max(shape, default=1) for shape in shapes.values()), default=1)
+        if _largest_int([init_args, init_kwargs]) > max(largest, 4096):
+            raise ValueError(f'{path}: the construction arguments ask for more than the file\'s tensors hold') from None
+        return
+    same_shapes(path, cls, expected, shapes)
+
+def same_shapes(path, cls, expected, shapes):
+    """ValueError naming `path` unless {name: shape} of the weights `cls` constructs equal those of the file."""
+    if expected != shapes:
+        diff = sorted(set(expected.items()) ^ set(shapes.items()))[:3]
+        raise ValueError(f'{path}: the weights do not fit the {cls.__name__} that its construction arguments describe (e.g. {diff})')
 
 #----------------------------------------------------------------------------

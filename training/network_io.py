@@ -75,12 +75,16 @@ def rebuild_network(net):
     from torch_utils import misc, persistence
     from training import networks
 
-    cls = getattr(networks, type(net).__name__, None)
-    if cls is None or not persistence.is_persistent(net) or not isinstance(net, torch.nn.Module):
+    from training import class_names
+    name = f'training.networks.{type(net).__name__}'
+    if name not in class_names.NETWORK_CLASSES or not persistence.is_persistent(net) or not isinstance(net, torch.nn.Module):
         return net
-    try:
+    cls = getattr(networks, type(net).__name__)
+    try: # the arguments come from the file: checked against its weights before anything of their size is allocated
+        shapes = {key: tuple(t.shape) for key, t in net.state_dict().items()}
+        class_names.check_construction('the network', cls, net.init_args, net.init_kwargs, shapes)
         rebuilt = cls(*net.init_args, **net.init_kwargs)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, RuntimeError):
         return net
     src = {name: t.shape for name, t in misc.named_params_and_buffers(net)}
     dst = {name: t.shape for name, t in misc.named_params_and_buffers(rebuilt)}

@@ -14,39 +14,6 @@ from training import class_names
 
 #----------------------------------------------------------------------------
 
-def _largest_int(value):
-    """The largest integer in parsed JSON (iteratively: the JSON is as deep as the file makes it)."""
-    largest, stack = 0, [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, bool):
-            continue
-        if isinstance(item, int):
-            largest = max(largest, item)
-        elif isinstance(item, (list, dict)):
-            stack.extend(item.values() if isinstance(item, dict) else item)
-    return largest
-
-def _check_shapes(path, cls, init_args, init_kwargs, shapes):
-    """The weights that the header's arguments construct must be those in the file: compared on the meta device,
-    before anything is allocated. Classes that compute constants while constructed (VPPrecond) cannot be built
-    there; for them no argument may exceed the largest dimension of the file's tensors."""
-    try:
-        with torch.device('meta'):
-            expected = {name: tuple(t.shape) for name, t in cls(*init_args, **init_kwargs).state_dict().items()}
-    except (RuntimeError, NotImplementedError):
-        largest = max((max(shape, default=1) for shape in shapes.values()), default=1)
-        if _largest_int([init_args, init_kwargs]) > max(largest, 4096):
-            raise ValueError(f'{path}: the construction arguments ask for more than the file\'s tensors hold') from None
-        return
-    _same_shapes(path, cls, expected, shapes)
-
-def _same_shapes(path, cls, expected, shapes):
-    if expected != shapes:
-        diff = sorted(set(expected.items()) ^ set(shapes.items()))[:3]
-        raise ValueError(f'{path}: the weights do not fit the {cls.__name__} its header describes (e.g. {diff})')
-
-
 FORMAT = 'edm-network/1'        # metadata['format']: what the file holds.
 MAX_METADATA = 1 << 16          # Bytes of JSON in the construction arguments.
 
@@ -98,9 +65,9 @@ def load_network(path):
         init_args, init_kwargs = json.loads(metadata.get('init_args', '[]')), json.loads(metadata.get('init_kwargs', '{}'))
         if not isinstance(init_args, list) or not isinstance(init_kwargs, dict):
             raise ValueError(f'{path}: init_args must be a JSON list and init_kwargs a JSON object')
-        _check_shapes(path, cls, init_args, init_kwargs, shapes)
+        class_names.check_construction(path, cls, init_args, init_kwargs, shapes)
         net = cls(*init_args, **init_kwargs)
-        _same_shapes(path, cls, {name: tuple(t.shape) for name, t in net.state_dict().items()}, shapes)
+        class_names.same_shapes(path, cls, {name: tuple(t.shape) for name, t in net.state_dict().items()}, shapes)
         net.load_state_dict({name: f.get_tensor(name) for name in shapes}, strict=True)
     return net.eval().requires_grad_(False)
 
