@@ -14,7 +14,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils import persistence
+from torch_utils import persistence, safe_pickle
 from torch_utils.misc import choose_device
 from training import generation_edm2
 from training.generation import prepare_network, sample_batches, split_batches
@@ -25,56 +25,74 @@ from training.sampling import check_guidance, check_sampler_options, parse_guida
 # Inception-v3 (the TensorFlow 2015-12-05 graph ported to PyTorch).
 DETECTOR_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 
-# SHA-256 of the published detector pickle: checked after its download, and a copy with this digest loads
-# without --allow-code wherever it comes from. None: not pinned, the download from DETECTOR_URL is trusted
-# as it is first fetched (open_url records its digest beside the cache file and checks it on every use).
+# SHA-256 of the published detector pickle, when known: a file with this digest (downloaded, cached or local)
+# loads in full, running the code it carries. None: not pinned, so only the bytes that this process itself
+# downloads from DETECTOR_URL are trusted (downloaded afresh each time, never taken from the cache by name);
+# a local copy needs --allow-code.
 DETECTOR_SHA256 = None
+MAX_DETECTOR_BYTES = 1 << 30 # Larger files are not hashed to compare with DETECTOR_SHA256.
 
 #----------------------------------------------------------------------------
 # Loading the detector and the reference statistics.
 
-def _is_torchscript(path):
-    """Is the file a TorchScript archive (torch.jit.save)? Those load without running Python code."""
-    if not zipfile.is_zipfile(path):
+def _is_torchscript(f):
+    """Is the open file a TorchScript archive (torch.jit.save)? Told by its content: a zip with constants.pkl or code/ records."""
+    head = f.read(4)
+    f.seek(0)
+    if head != safe_pickle.ZIP_MAGIC:
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(re.fullmatch(r'[^/]+/code/.*', name) for name in z.namelist())
+    try:
+        with zipfile.ZipFile(f) as z:
+            return safe_pickle.is_torchscript_zip(z.namelist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError):
+        return False
+    finally:
+        f.seek(0)
 
-def _is_known_detector(detector_url, path):
-    """The published detector: fetched from DETECTOR_URL, or a file with its pinned SHA-256."""
-    if DETECTOR_SHA256 is not None:
-        return dnnlib.util.file_sha256(path) == DETECTOR_SHA256
-    return detector_url == DETECTOR_URL
+def _has_pinned_digest(path):
+    if DETECTOR_SHA256 is None or os.path.getsize(path) > MAX_DETECTOR_BYTES:
+        return False
+    return dnnlib.util.file_sha256(path) == DETECTOR_SHA256
+
+def _open_detector(detector_url, verbose):
+    """(open file, trusted): the published detector's bytes are trusted by their pinned digest, or, with none
+    pinned, when this process downloads them from DETECTOR_URL itself; any other file is not."""
+    if detector_url == DETECTOR_URL and DETECTOR_SHA256 is None:
+        return dnnlib.util.open_url(detector_url, verbose=verbose, cache=False), True
+    sha256 = DETECTOR_SHA256 if detector_url == DETECTOR_URL else None
+    path = dnnlib.util.open_url(detector_url, verbose=verbose, return_filename=True, sha256=sha256)
+    return dnnlib.util.open_regular(path), _has_pinned_digest(path)
 
 def _read_detector(detector_url, verbose, allow_code):
-    """The detector module: TorchScript, or a pickle unpickled safely unless it is the known one or allow_code."""
-    known = detector_url == DETECTOR_URL
-    path = dnnlib.util.open_url(detector_url, verbose=verbose, return_filename=True, sha256=(DETECTOR_SHA256 if known else None))
-    if _is_torchscript(path):
-        return torch.jit.load(path, map_location='cpu')
-    trusted = allow_code or _is_known_detector(detector_url, path)
-    with open(path, 'rb') as f:
-        return persistence.load(f, allow_code=trusted)
+    """The detector module: the trusted published detector or any file with allow_code loads in full; otherwise
+    a pickle is unpickled safely and a TorchScript archive (code) is refused."""
+    f, trusted = _open_detector(detector_url, verbose)
+    with f:
+        if _is_torchscript(f):
+            if not allow_code:
+                raise persistence.CodeNotAllowedError('it is a TorchScript archive, whose code safe loading does not run')
+            return torch.jit.load(f, map_location='cpu')
+        return persistence.load(f, allow_code=(allow_code or trusted), name=detector_url)
 
 def load_detector(detector_url=DETECTOR_URL, device=None, verbose=True, allow_code=False):
-    """Load the feature detector from a path or URL and move it to `device`. A TorchScript archive loads
-    as such; a pickle other than the published detector must name only our classes unless allow_code=True."""
+    """Load the feature detector from a path or URL and move it to `device`. The published detector loads in
+    full (see DETECTOR_SHA256); any other file must be a pickle naming only our classes unless allow_code=True."""
     if verbose:
         print(f'Loading feature detector from "{detector_url}"...', flush=True)
     try:
         detector = _read_detector(detector_url, verbose, allow_code)
-    except persistence.CodeNotAllowedError as err:
-        raise ValueError(persistence.refused_message(f'the feature detector {detector_url}', err)) from None
     except FileNotFoundError:
         raise FileNotFoundError(f'feature detector not found: {detector_url}') from None
-    except (RuntimeError, *dnnlib.util.UNPICKLING_ERRORS) as err: # RuntimeError: a damaged TorchScript archive
-        raise ValueError(f'{detector_url} is not a readable feature detector pickle ({type(err).__name__}: {err})') from None
     except OSError as err:
         if not dnnlib.util.is_url(detector_url):
-            raise IOError(f'cannot read the feature detector {detector_url}: {err}') from None
-        reason = str(err).replace(f' {detector_url}', '')
+            raise IOError(f'cannot read the feature detector {detector_url}: {dnnlib.util.os_error_message(err)}') from None
+        reason = ' '.join(str(err).replace(f' {detector_url}', '').split())
         raise IOError(f'cannot download the feature detector {detector_url}; download it where there is a connection and '
-                      f'pass the local file with --detector=PATH ({reason})') from None
+                      f'pass the local file with --detector=PATH --allow-code ({reason})') from None
+    except Exception as err: # pylint: disable=broad-exception-caught
+        if isinstance(err, ValueError) and detector_url in str(err) and '\n' not in str(err):
+            raise ValueError(str(err)) from None
+        raise ValueError(persistence.load_error_message(f'the feature detector {detector_url}', 'feature detector', err)) from None
     if not callable(detector) or not hasattr(detector, 'to'):
         raise ValueError(f'{detector_url} holds a {type(detector).__name__}, not a feature detector module')
     return detector.to(choose_device(device)) # used as pickled (the published detector is ready for inference)

@@ -9,7 +9,7 @@ import pickle
 import click
 
 import dnnlib
-from training import phema
+from training import phema, safetensors_io
 
 #----------------------------------------------------------------------------
 
@@ -18,7 +18,7 @@ def dest_paths(dest, stds, kimg):
     filled in, or reconstructed-NNNNNN-S.SSS.pkl in the folder `dest`."""
     if '{std}' in dest or '{kimg}' in dest:
         paths = [dest.replace('{std}', f'{std:.3f}').replace('{kimg}', f'{kimg:06d}') for std in stds]
-    elif dest.endswith('.pkl'):
+    elif dest.endswith(('.pkl', '.safetensors')):
         if len(stds) > 1:
             raise ValueError(f'--dest={dest} names one file; for several --std values give a folder or a pattern with {{std}}')
         paths = [dest]
@@ -34,7 +34,7 @@ def dest_paths(dest, stds, kimg):
 @click.option('--run', 'run_dir', help='Training run directory with phema-*.pkl', metavar='DIR',        type=str, required=True)
 @click.option('--std',            help='Relative standard deviation(s), e.g. 0.03,0.05,0.1', metavar='LIST', type=str, required=True)
 @click.option('--at', 'at_kimg',  help='Training time of the phema snapshots to use  [default: last]', metavar='KIMG', type=click.IntRange(min=0))
-@click.option('--dest',           help='Output pickle, folder, or pattern with {std} and {kimg}', metavar='PKL|DIR', type=str, required=True)
+@click.option('--dest',           help='Output pickle (or .safetensors), folder, or pattern with {std} and {kimg}', metavar='PKL|DIR', type=str, required=True)
 
 def main(run_dir, std, at_kimg, dest):
     """Reconstruct the EMA of relative standard deviation --std (sigma_rel)
@@ -63,8 +63,13 @@ def main(run_dir, std, at_kimg, dest):
         raise click.ClickException(str(err)) from None
     for (sigma_rel, data, residual), path in zip(results, paths):
         try:
-            with dnnlib.util.atomic_write(path, 'wb') as f:
-                pickle.dump(data, f)
+            if path.endswith('.safetensors'): # the EMA weights alone, in the format that carries no code
+                safetensors_io.save_network(data['ema'], path)
+            else:
+                with dnnlib.util.atomic_write(path, 'wb') as f:
+                    pickle.dump(data, f)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
         except OSError as err:
             raise click.ClickException(f'cannot write {path} (--dest): {err.strerror or err}') from None
         print(f'sigma_rel {sigma_rel:.3f} at {time_r} images: profile error {residual:.2%} -> {path}')

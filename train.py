@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training import phema, training_loop, training_state
+from training import class_names, phema, training_loop, training_state
 
 #----------------------------------------------------------------------------
 # Presets: network architectures and preconditioning/loss pairs.
@@ -169,6 +169,8 @@ def build_config(opts, dataset, world_size=1, device_type='cuda'):
         c.phema_kwargs = dnnlib.EasyDict(stds=phema.parse_stds(opts.phema, '--phema'), snapshot_kimg=opts.get('phema_snap'))
     elif opts.get('phema_snap') is not None:
         raise ValueError('--phema-snap needs --phema (the relative standard deviations to track)')
+    if opts.get('safetensors'): # recorded only when used, as precision
+        c.safetensors = True
     check_batch(opts.batch, opts.batch_gpu, world_size)
 
     # Random seed.
@@ -314,7 +316,7 @@ OPTION_KEYS = {
     'preset': ['network_kwargs.class_name', 'loss_kwargs.class_name'], 'decay': ['lr_kwargs.ref_batches'],
     'P_mean': ['loss_kwargs.P_mean'], 'P_std': ['loss_kwargs.P_std'],
 }
-RUN_SPECIFIC = ('run_dir', 'resume_pkl', 'resume_state_dump', 'resume_kimg', 'tensorboard') # not part of what a run trains
+RUN_SPECIFIC = ('run_dir', 'resume_pkl', 'resume_state_dump', 'resume_kimg', 'tensorboard', 'safetensors') # not part of what a run trains
 
 def _lookup(config, dotted):
     for key in dotted.split('.'):
@@ -397,6 +399,7 @@ def check_given_options(recorded, opts, given, world_size, device_type):
 def resume_config(run_dir, recorded, opts, given):
     """The config that continues run_dir in place from its newest training state: its recorded options (--duration
     and --tensorboard may change), with the state as resume_state_dump and the kimg it resumes from."""
+    class_names.check_options(recorded, os.path.join(run_dir, 'training_options.json')) # builds only our classes
     state, kimg = latest_state(run_dir)
     if state is None:
         raise ValueError(f'--resume: {run_dir} holds no training-state-NNNNNN.pt to continue from')
@@ -405,6 +408,8 @@ def resume_config(run_dir, recorded, opts, given):
         c.total_kimg = max(int(opts.duration * 1000), 1)
     if opts.tensorboard or recorded.get('tensorboard'):
         c.tensorboard = True
+    if opts.get('safetensors') or recorded.get('safetensors'):
+        c.safetensors = True
     snapshot = training_state.snapshot_path(run_dir, os.path.basename(state)[len('training-state-'):-len('.pt')])
     if os.path.isfile(snapshot):
         c.resume_pkl = snapshot
@@ -477,6 +482,7 @@ def parse_int_list(_ctx, _param, value):
 @click.option('--resume',        help='Resume from previous training state, or continue a run', metavar='PT|DIR|latest', type=str)
 @click.option('--tensorboard',   help='Also write the statistics as TensorBoard events',            is_flag=True)
 @click.option('--allow-code',    help='Load --transfer/--resume files that name code other than ours', is_flag=True)
+@click.option('--safetensors',   help='Also write each snapshot\'s EMA as .safetensors (no code)', is_flag=True)
 @click.option('-n', '--dry-run', help='Print training options and exit',                            is_flag=True)
 
 def main(**kwargs):

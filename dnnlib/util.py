@@ -141,7 +141,7 @@ def make_cache_dir_path(*paths: str) -> str:
     folder from $HOME, $USERPROFILE or the user database; never a shared temporary folder)."""
     if _dnnlib_cache_dir is not None:
         return os.path.join(_dnnlib_cache_dir, *paths)
-    if 'DNNLIB_CACHE_DIR' in os.environ:
+    if os.environ.get('DNNLIB_CACHE_DIR'): # empty counts as unset (not the current folder)
         return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
     for name in ('HOME', 'USERPROFILE'):
         if os.environ.get(name):
@@ -348,6 +348,21 @@ def check_regular_file(path: str) -> None:
         kind = next((name for test, name in _FILE_KINDS if test(mode)), 'a special file')
         raise ValueError(f'{path} is {kind}, not a regular file')
 
+def open_regular(path: str) -> Any:
+    """Open a regular file for binary reading; a FIFO, device or folder raises ValueError without blocking (checked
+    before the open, and again on the open descriptor, which O_NONBLOCK keeps from waiting for a writer)."""
+    check_regular_file(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_BINARY', 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), 'a special file')
+            raise ValueError(f'{path} is {kind}, not a regular file')
+        return os.fdopen(fd, 'rb')
+    except BaseException:
+        os.close(fd)
+        raise
+
 #----------------------------------------------------------------------------
 # Functionality to import modules/objects by name, and call functions by name.
 
@@ -518,9 +533,27 @@ def _describe_request_error(err: Exception, timeouts: Tuple[float, float]) -> Do
         return DownloadError(f'the connection failed ({text})', retry=True)
     return DownloadError(str(err), retry=True)
 
-def _fetch(url: str, dest: str, timeouts: Tuple[float, float], deadline: float, verbose: bool) -> Tuple[str, str]:
-    """One attempt: stream `url` into the file `dest` (atomically) until time.monotonic() reaches `deadline`;
-    return (the server's file name, SHA-256 of the data). Raises DownloadError."""
+DEFAULT_MAX_DOWNLOAD = 16 << 30  # Bytes a download may have when the server declares no Content-Length (DNNLIB_MAX_DOWNLOAD_GB).
+RATE_WINDOW = 20                 # Seconds over which a download must average at least min_rate bytes per second.
+STALL_SECONDS = 60               # Retries stop when nothing has arrived at min_rate for this long.
+
+def max_download_bytes(max_bytes: Optional[int] = None) -> int:
+    """The size cap of downloads: `max_bytes`, else $DNNLIB_MAX_DOWNLOAD_GB, else DEFAULT_MAX_DOWNLOAD."""
+    if max_bytes is not None:
+        return int(max_bytes)
+    value = os.environ.get('DNNLIB_MAX_DOWNLOAD_GB')
+    if not value:
+        return DEFAULT_MAX_DOWNLOAD
+    try:
+        return int(float(value) * (1 << 30))
+    except ValueError:
+        raise ValueError(f'DNNLIB_MAX_DOWNLOAD_GB={value!r} is not a number of gigabytes') from None
+
+def _fetch(url: str, dest: str, timeouts: Tuple[float, float], deadline: float, verbose: bool, max_bytes: int, min_rate: float,
+           progress: List[float]) -> Tuple[str, str]:
+    """One attempt: stream `url` into the file `dest` (atomically) until time.monotonic() reaches `deadline`; at most
+    the Content-Length (when given) or max_bytes, at min_rate bytes per second or more (progress[0]: the last time
+    it was met); return (the server's file name, SHA-256 of the data). Raises DownloadError."""
     import requests
     from tqdm import tqdm
 
@@ -530,23 +563,41 @@ def _fetch(url: str, dest: str, timeouts: Tuple[float, float], deadline: float, 
             raise DownloadError(f'HTTP {res.status_code} ({res.reason})', retry=retry)
         match = re.search(r'filename="([^"]*)"', res.headers.get("Content-Disposition", ""))
         file_name = match[1] if match else (os.path.basename(urllib.parse.urlparse(url).path) or url)
-        total = int(res.headers.get('Content-Length', 0)) or None # bytes on the wire (compressed, if encoded)
+        try:
+            total = int(res.headers.get('Content-Length', 0)) or None # bytes on the wire (compressed, if encoded)
+        except ValueError:
+            total = None
+        if total is not None and total > max_bytes:
+            raise DownloadError(f'the server declares {total} bytes, more than the limit of {max_bytes} '
+                                f'(raise it with DNNLIB_MAX_DOWNLOAD_GB or max_bytes)', retry=False)
         read = getattr(res.raw, 'read1', None) or res.raw.read # read1: return what has arrived, so the deadline is seen
         digest = hashlib.sha256()
+        window_start, window_bytes = time.monotonic(), 0
         with atomic_write(dest) as f:
             with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=f'Downloading {file_name}',
                       disable=not verbose, leave=False, file=sys.stderr) as bar:
                 while True:
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise DownloadError(f'the download did not finish in time ({res.raw.tell()} bytes received)', retry=False)
                     chunk = read(1 << 16, decode_content=True)
                     if not chunk:
                         break
                     if f.tell() == 0 and _looks_like_html(url, res.headers.get('Content-Type', ''), chunk):
                         raise DownloadError(f'the server sent an HTML page (HTTP {res.status_code}), not the file', retry=False)
+                    if res.raw.tell() > (total or max_bytes) or f.tell() + len(chunk) > max_bytes:
+                        raise DownloadError(f'the server sends more than the {"declared " if total else ""}{total or max_bytes} bytes'
+                                            + ('' if total else ' (raise the limit with DNNLIB_MAX_DOWNLOAD_GB or max_bytes)'), retry=False)
                     f.write(chunk)
                     digest.update(chunk)
                     bar.update(res.raw.tell() - bar.n)
+                    window_bytes += len(chunk)
+                    now = time.monotonic()
+                    if now - window_start >= RATE_WINDOW:
+                        if window_bytes < min_rate * (now - window_start):
+                            raise DownloadError(f'the server sends {window_bytes / (now - window_start):.0f} bytes/s, '
+                                                f'less than {min_rate:.0f}', retry=False)
+                        window_start, window_bytes, progress[0] = now, 0, now
             received = res.raw.tell()
             if f.tell() == 0:
                 raise DownloadError('no data received', retry=True)
@@ -555,14 +606,16 @@ def _fetch(url: str, dest: str, timeouts: Tuple[float, float], deadline: float, 
     return file_name, digest.hexdigest()
 
 def _download(url: str, dest: str, num_attempts: int, verbose: bool, timeouts: Tuple[float, float], deadline: float,
-              retry_delay: float) -> Tuple[str, str]:
-    """Stream `url` into the file `dest` with retries (backoff on server errors); return (file name, SHA-256)."""
+              retry_delay: float, max_bytes: int, min_rate: float) -> Tuple[str, str]:
+    """Stream `url` into the file `dest` with retries (backoff on server errors); return (file name, SHA-256).
+    Retries stop once nothing has arrived at min_rate for STALL_SECONDS."""
     import requests
     import urllib3
     end = time.monotonic() + deadline
+    progress = [time.monotonic()]
     for attempt in range(num_attempts):
         try:
-            return _fetch(url, dest, timeouts, end, verbose)
+            return _fetch(url, dest, timeouts, end, verbose, max_bytes, min_rate, progress)
         except DownloadError as err:
             error = err
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
@@ -570,7 +623,7 @@ def _download(url: str, dest: str, num_attempts: int, verbose: bool, timeouts: T
         if not error.retry or attempt + 1 == num_attempts:
             break
         delay = min(retry_delay * 2 ** attempt, 60.0)
-        if time.monotonic() + delay > end:
+        if time.monotonic() + delay > min(end, progress[0] + STALL_SECONDS):
             break
         if verbose:
             print(f'Retrying {url} in {delay:g} s ({attempt + 1}/{num_attempts - 1}): {error}', file=sys.stderr, flush=True)
@@ -613,13 +666,15 @@ def _checked_cache_file(filename: str, sha256: Optional[str]) -> str:
 
 def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: bool = True, return_filename: bool = False,
              cache: bool = True, sha256: str = None, timeouts: Tuple[float, float] = (10, 30), deadline: float = 3600,
-             retry_delay: float = 1) -> Any:
+             retry_delay: float = 1, max_bytes: int = None, min_rate: float = 16384) -> Any:
     """Open a local path, a file:// URL or an http(s) URL (downloaded once into the cache).
     Returns a binary file object, or the local file name with return_filename=True.
 
     Downloads: `timeouts` (connect, read) in seconds, at most `deadline` seconds in all, server errors
     (5xx, 429) retried after retry_delay, 2 x retry_delay, ... seconds; `sha256`, if given, is the
-    expected digest of the file. A cached file is checked against the digest recorded when it was fetched."""
+    expected digest of the file. A cached file is checked against the digest recorded when it was fetched.
+    A download stops at its Content-Length, or at max_bytes (max_download_bytes()) when the server declares none,
+    and fails when it averages under min_rate bytes per second over RATE_WINDOW seconds."""
     if num_attempts < 1:
         raise ValueError('num_attempts must be at least 1')
     if return_filename and not cache:
@@ -627,14 +682,20 @@ def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: b
 
     # Doesn't look like a URL scheme, so interpret it as a local filename.
     if not re.match('^[a-z]+://', url):
-        return url if return_filename else open(url, "rb")
+        if return_filename:
+            check_regular_file(url)
+            return url
+        return open_regular(url)
 
     # Handle file URLs.
     if url.startswith('file://'):
         filename = urllib.parse.unquote(urllib.parse.urlparse(url).path)
         if re.match(r'^/[a-zA-Z]:', filename):
             filename = filename[1:]
-        return filename if return_filename else open(filename, "rb")
+        if return_filename:
+            check_regular_file(filename)
+            return filename
+        return open_regular(filename)
 
     if not is_url(url):
         raise ValueError(f'not a valid URL: {url}')
@@ -657,7 +718,8 @@ def open_url(url: str, cache_dir: str = None, num_attempts: int = 10, verbose: b
     download_file = os.path.join(cache_dir, f'{_download_prefix()}{os.getpid()}-{uuid.uuid4().hex}')
     try:
         file_name, digest = _download(url, download_file, num_attempts=num_attempts, verbose=verbose, timeouts=timeouts,
-                                      deadline=deadline, retry_delay=retry_delay)
+                                      deadline=deadline, retry_delay=retry_delay, max_bytes=max_download_bytes(max_bytes),
+                                      min_rate=min_rate)
         if sha256 is not None and digest != sha256.lower():
             raise IOError(f'Downloaded {url}, but its SHA-256 is {digest}, not the expected {sha256}')
         if not cache:

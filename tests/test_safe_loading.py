@@ -230,9 +230,11 @@ def test_detectors(tmp_path):
         fid.load_detector(str(pkl), device='cpu', verbose=False)
     assert fid.load_detector(str(pkl), device='cpu', verbose=False, allow_code=True).weight.shape == (48, 8)
 
-    # TorchScript runs no Python code: it loads without --allow-code.
+    # TorchScript is code too (it can create and overwrite files): refused without --allow-code, told by its content.
     scripted = tmp_path / 'detector.pt'
     torch.jit.save(torch.jit.script(_ScriptDetector()), str(scripted))
-    detector = fid.load_detector(str(scripted), device='cpu', verbose=False)
+    with pytest.raises(ValueError, match='TorchScript.*--allow-code'):
+        fid.load_detector(str(scripted), device='cpu', verbose=False)
+    detector = fid.load_detector(str(scripted), device='cpu', verbose=False, allow_code=True)
     images = torch.randint(0, 256, [2, 3, 8, 8], dtype=torch.uint8)
     assert torch.equal(detector(images, return_features=True), _ScriptDetector()(images))

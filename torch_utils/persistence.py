@@ -8,12 +8,12 @@ import functools
 import inspect
 import io
 import pickle
-import re
 import sys
 import types
 import uuid
 
 import dnnlib
+from torch_utils import safe_pickle
 
 #----------------------------------------------------------------------------
 
@@ -137,59 +137,48 @@ def _reconstruct_persistent_obj(meta):
     return _with_state(obj, meta.state)
 
 #----------------------------------------------------------------------------
-# Safe loading: unpickle without running code carried by the file.
+# Safe loading: unpickle without running code carried by the file (torch_utils/safe_pickle.py).
 
-# The modules whose persistent classes a pickle may name without --allow-code.
-SAFE_MODULES = ('training.networks', 'training.loss', 'training.augment',
-                'training.networks_edm2', 'training.loss_edm2', 'training.encoders') # EDM2: its Precond, EDM2Loss, encoders
-
-# Plain globals that safe loading resolves: tensors, arrays and containers.
-_SAFE_GLOBALS = {
-    'builtins': {'set', 'frozenset', 'slice', 'complex', 'bytearray', 'range'},
-    'collections': {'OrderedDict'},
-    'copyreg': {'_reconstructor'},
-    '_codecs': {'encode'},
-    'dnnlib.util': {'EasyDict'},
-    'torch': {'device', 'Size', 'Tensor'},
-    'torch._utils': {'_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3', '_rebuild_parameter',
-                     '_rebuild_parameter_with_state', '_rebuild_device_tensor_from_numpy', '_rebuild_meta_tensor_no_storage'},
-    'torch._tensor': {'_rebuild_from_type_v2'},
-    'torch.nn.parameter': {'Parameter'},
-    'numpy': {'ndarray', 'dtype'},
-    'numpy.core.multiarray': {'_reconstruct', 'scalar'},
-    'numpy._core.multiarray': {'_reconstruct', 'scalar'},
+# The persistent classes that safe loading rebuilds: (module the pickle was written from, class name) -> this
+# project's class. '*' takes every persistent class of that module under its own name. A pickle names a class
+# only by its name (its module's source comes with it, parsed and never run), so a name must resolve to one class.
+PERSISTENT_CLASSES = {
+    ('training.networks', '*'):     'training.networks',
+    ('training.loss', '*'):         'training.loss',
+    ('training.augment', '*'):      'training.augment',
+    # EDM2 (Karras et al. 2024): its networks, its loss (written in its training loop) and its encoders.
+    ('training.networks_edm2', '*'):            'training.networks_edm2',
+    ('training.training_loop', 'EDM2Loss'):     'training.loss_edm2.EDM2Loss',
+    ('training.loss_edm2', '*'):                'training.loss_edm2',
+    ('training.encoders', '*'):                 'training.encoders',
 }
 
-class CodeNotAllowedError(pickle.UnpicklingError):
-    """A pickle names code that safe loading does not run (a class or function outside the allow-list)."""
+CodeNotAllowedError = safe_pickle.CodeNotAllowedError
 
-def _is_torch_type(module, name):
-    """torch dtypes (torch.float32, ...), storage classes, torch's own layers (torch.nn.modules.*) and numpy
-    dtype classes (numpy.dtypes.Float32DType)."""
-    import torch
-    if module.startswith('torch.nn.modules.') and module in sys.modules:
-        obj = getattr(sys.modules[module], name, None)
-        return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
-    if module == 'torch':
-        return isinstance(getattr(torch, name, None), torch.dtype) or re.fullmatch(r'[A-Za-z]*Storage', name) is not None
-    if module == 'torch.storage':
-        return name in ('UntypedStorage', 'TypedStorage')
-    return module == 'numpy.dtypes' and re.fullmatch(r'[A-Za-z0-9]+DType', name) is not None
-
-_safe_classes = None # {class name: class}, filled on first use.
+_safe_classes = None # {class name: [class, ...]}, filled on first use.
 
 def safe_classes():
-    """{class name: class} of the persistent classes that safe loading rebuilds (from SAFE_MODULES)."""
+    """{class name: [class, ...]} of the persistent classes that safe loading rebuilds (PERSISTENT_CLASSES)."""
     global _safe_classes # pylint: disable=global-statement
     if _safe_classes is None:
         import importlib
         classes = dict()
-        for module_name in SAFE_MODULES:
-            for name, obj in vars(importlib.import_module(module_name)).items():
-                if is_persistent(obj) and obj.__module__ == module_name:
-                    classes[name] = obj
+        for (_, name), target in PERSISTENT_CLASSES.items():
+            if name == '*':
+                module = importlib.import_module(target)
+                found = [(n, obj) for n, obj in vars(module).items() if is_persistent(obj) and obj.__module__ == target]
+            else:
+                module_name, class_name = target.rsplit('.', 1)
+                found = [(name, getattr(importlib.import_module(module_name), class_name))]
+            for n, obj in found:
+                if obj not in classes.setdefault(n, []):
+                    classes[n].append(obj)
         _safe_classes = classes
     return _safe_classes
+
+def is_safe_class(cls):
+    """Is `cls` one of the classes that safe loading rebuilds?"""
+    return any(cls in found for found in safe_classes().values())
 
 def _defines_class(src, class_name):
     """Does a module source define the class at its top level? Parsed, never executed; a source that
@@ -203,61 +192,55 @@ def _top_level_classes(src):
     once per source, as every layer of a network pickle carries the same module source."""
     try:
         tree = ast.parse(src)
-    except (SyntaxError, ValueError, TypeError):
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         return None
     return frozenset(node.name for node in tree.body if isinstance(node, ast.ClassDef))
 
-def _reconstruct_safe_obj(meta):
+def reconstruct_safe_obj(meta):
     """Rebuild a persistent object from this project's class of the same name, with the pickled state;
     the module source in `meta` is parsed to check that it defines the class, and never executed."""
+    if not isinstance(meta, dict) or not isinstance(meta.get('state'), dict) or not isinstance(meta.get('class_name'), str) \
+            or not isinstance(meta.get('module_src'), str):
+        raise safe_pickle.UnsafeDataError('a persistent object whose meta is not (class_name, module_src, state)')
     meta = _checked_meta(meta)
-    cls = safe_classes().get(meta.class_name, None)
-    if cls is None or not _defines_class(meta.module_src, meta.class_name):
-        raise CodeNotAllowedError(f'it holds class {meta.class_name} of a module embedded in the pickle, not one of this project\'s classes'
-                                  f' ({", ".join(SAFE_MODULES)}); loading it would run the code it carries')
+    found = safe_classes().get(meta.class_name, [])
+    if len(found) != 1 or not _defines_class(meta.module_src, meta.class_name):
+        modules = sorted({module for module, _ in PERSISTENT_CLASSES})
+        raise CodeNotAllowedError(f'it holds class {meta.class_name[:80]} of a module embedded in the pickle, not one of this project\'s classes'
+                                  f' ({", ".join(modules)}); loading it would run the code it carries')
+    cls = found[0]
     obj = cls.__new__(cls)
-    return _with_state(obj, meta.state)
+    return _with_state(obj, safe_pickle.plain_state(meta.state, meta.class_name))
 
-def _load_from_bytes_safe(b):
-    """torch.storage._load_from_bytes (a storage pickled by torch, i.e. a nested torch.save) with safe loading."""
+def load(file, allow_code=False, name='the file'):
+    """Unpickle a file object. By default safely (torch_utils/safe_pickle.py): only tensors, arrays, containers and
+    this project's persistent classes, with sizes and nesting checked; CodeNotAllowedError for anything else.
+    allow_code=True unpickles in full, running the source that persistent objects carry."""
+    return pickle.load(file) if allow_code else safe_pickle.load_pickle(file, name)
+
+def torch_load(file, allow_code=False, map_location='cpu', name='the file'):
+    """A file of torch.save (a training state): read safely without torch.load, or with torch.load in full if allow_code=True."""
+    if not allow_code:
+        return safe_pickle.load_torch_file(file, name)
     import torch
-    return torch.load(io.BytesIO(b), pickle_module=SafePickle, weights_only=False)
-
-class SafeUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only tensors, arrays, containers and this project's persistent classes."""
-
-    def find_class(self, module, name):
-        if module == '__builtin__':
-            module = 'builtins'
-        if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
-            return _reconstruct_safe_obj
-        if (module, name) == ('torch.storage', '_load_from_bytes'):
-            return _load_from_bytes_safe
-        if name in _SAFE_GLOBALS.get(module, ()) or _is_torch_type(module, name):
-            return super().find_class(module, name)
-        raise CodeNotAllowedError(f'it refers to {module}.{name}, which safe loading does not allow')
-
-class SafePickle:
-    """A pickle_module for torch.load that unpickles with SafeUnpickler."""
-    Unpickler = SafeUnpickler
-
-    @staticmethod
-    def load(file, **kwargs):
-        return SafeUnpickler(file, **kwargs).load()
-
-def load(file, allow_code=False):
-    """Unpickle a file object. By default with SafeUnpickler: a pickle that names any other code raises
-    CodeNotAllowedError. allow_code=True unpickles in full, running the source that persistent objects carry."""
-    return pickle.load(file) if allow_code else SafeUnpickler(file).load()
-
-def torch_load(file, allow_code=False, map_location='cpu'):
-    """torch.load a file object (a training state), with SafeUnpickler unless allow_code=True."""
-    import torch
-    return torch.load(file, map_location=map_location, weights_only=False, pickle_module=(pickle if allow_code else SafePickle))
+    return torch.load(file, map_location=map_location, weights_only=False)
 
 def refused_message(source, err):
     """One line for a file that safe loading refused: what it names, and how to opt in."""
     return f'{source}: {err}; pass --allow-code (allow_code=True in the API) to load it in full if you trust the file'
+
+def load_error_message(source, what, err):
+    """One line for any failure to load `source` (a `what`): refusals, damaged files, and whatever Python, numpy
+    or PyTorch raise on them (RuntimeError, MemoryError, RecursionError, OverflowError, ...)."""
+    if isinstance(err, CodeNotAllowedError):
+        return refused_message(source, err)
+    try:
+        text = str(err)
+    except Exception: # pylint: disable=broad-exception-caught
+        text = ''
+    text = ' '.join(text.split())
+    text = text if len(text) <= 300 else text[:297] + '...'
+    return f'{source} is not a readable {what} ({type(err).__name__}{": " + text if text else ""})'
 
 #----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
-from training import training_state
+from training import safetensors_io, training_state
 from training.image_io import images_to_uint8, save_image_grid
 from training.loss_scale import DynamicLossScale
 from training.networks import set_fast_paths
@@ -379,7 +379,7 @@ def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS, encoder=
         images = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
     return images_to_uint8(images)
 
-def _save_snapshot(run_dir, label, step, dataset_kwargs, device):
+def _save_snapshot(run_dir, label, step, dataset_kwargs, device, safetensors=False):
     """network-snapshot-*.pkl (the EMA network, loss and augmentation) and samples-*.png (a grid of the EMA
     network's images of fixed seeds, one white pixel apart: 8x8 on CUDA, 4x4 elsewhere) by rank 0."""
     data = _snapshot_data(step.ema, step.loss_fn, step.augment_pipe, dataset_kwargs, check_consistency=(dist.get_world_size() > 1),
@@ -387,6 +387,8 @@ def _save_snapshot(run_dir, label, step, dataset_kwargs, device):
     if dist.get_rank() != 0:
         return
     training_state.write_file(training_state.snapshot_path(run_dir, label), pickle.dump, data)
+    if safetensors: # the same EMA weights in a format that carries no code: network-snapshot-*.safetensors
+        safetensors_io.save_network(data['ema'], training_state.snapshot_path(run_dir, label)[:-len('.pkl')] + '.safetensors')
     grid_size = (8, 8) if device.type == 'cuda' else (4, 4)
     images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device, encoder=step.encoder)
     save_image_grid(images, training_state.samples_path(run_dir, label), grid_size=grid_size, gap=1)
@@ -445,6 +447,7 @@ def training_loop(
     encoder_kwargs      = None,     # Encoder saved with EDM2 snapshots (training.encoders.StandardRGBEncoder), None = none.
     tensorboard         = False,    # Also write the statistics as TensorBoard events (rank 0)?
     allow_code          = False,    # Load resume files that name code other than ours (runs the code they carry)?
+    safetensors         = False,    # Also write each snapshot's EMA as .safetensors (training/safetensors_io.py)?
 ):
     """Train; returns dnnlib.EasyDict(cur_nimg, stopped): stopped is True after a stop request (SIGTERM/SIGINT)."""
     dataset_kwargs, data_loader_kwargs = dict(dataset_kwargs or {}), dict(data_loader_kwargs or {})
@@ -523,7 +526,7 @@ def training_loop(
                 warned_stalled = _report_loss_scale(step.loss_scale, warned_stalled)
             label = training_state.kimg_label(p.cur_nimg, fractional_ticks=fractional, stopped=interrupted)
             if interrupted or ((snapshot_ticks is not None) and (done or p.cur_tick % snapshot_ticks == 0)):
-                _save_snapshot(run_dir, label, step, dataset_kwargs, device)
+                _save_snapshot(run_dir, label, step, dataset_kwargs, device, safetensors)
                 if step.phema is not None:
                     step.phema.snapshot(p.cur_nimg, done)
             if interrupted or ((state_dump_ticks is not None) and (done or p.cur_tick % state_dump_ticks == 0) and p.cur_tick != 0):

@@ -15,7 +15,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
-from training import network_io
+from training import network_io, resume_checks
 
 #----------------------------------------------------------------------------
 # Names of a run's files: the kimg as the reference writes it (NNNNNN); with fractional ticks (--tick=0.25)
@@ -169,22 +169,23 @@ def save_state(path, step, data, progress, tick_done):
 def load_state_dump(path, allow_code=False):
     """Load a training-state-NNNNNN.pt written by us or by the reference release.
 
-    These files hold whole pickled modules: they are unpickled with the safe
-    loader of torch_utils.persistence (our classes, tensors, arrays), or in
-    full with allow_code=True.
+    These files hold whole pickled modules: they are read with the safe loader of
+    torch_utils/safe_pickle.py (our classes, tensors, arrays; never torch.load), or
+    in full with allow_code=True. Counters and generator states are checked
+    (training/resume_checks.py). Any failure is a one-line ValueError naming the file.
     """
     try:
-        with open(path, 'rb') as f:
-            data = persistence.torch_load(f, allow_code=allow_code)
-    except persistence.CodeNotAllowedError as err:
-        raise ValueError(persistence.refused_message(path, err)) from None
+        with dnnlib.util.open_regular(path) as f:
+            data = persistence.torch_load(f, allow_code=allow_code, name=path)
     except FileNotFoundError:
         raise FileNotFoundError(f'training state not found: {path}') from None
-    except (RuntimeError, *dnnlib.util.UNPICKLING_ERRORS) as err:
-        raise ValueError(f'{path} is not a readable training state ({type(err).__name__}: {err})') from None
+    except Exception as err: # pylint: disable=broad-exception-caught
+        if isinstance(err, ValueError) and path in str(err) and '\n' not in str(err):
+            raise ValueError(str(err)) from None
+        raise ValueError(persistence.load_error_message(path, 'training state', err)) from None
     if not isinstance(data, dict) or 'net' not in data or 'optimizer_state' not in data:
         raise ValueError(f'{path} is not a training state: it lacks the "net" and "optimizer_state" entries')
-    return data
+    return resume_checks.check_state(data, path)
 
 def read_resume_state(path, resume_kimg, seed, batch_size, allow_code=False):
     """(state or None, cur_nimg, the data order's seed), read before anything else: the state decides the data order."""
