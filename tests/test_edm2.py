@@ -22,7 +22,7 @@ import torch
 from conftest import ROOT, digest, fixture_file, run_script, single_thread, subprocess_env
 
 import train
-from torch_utils import persistence
+from torch_utils import persistence, safe_pickle
 from training import encoders, generation_edm2, loss_edm2, network_io, networks_edm2, phema
 
 NAMES = ['img16-rgb-cond', 'img8-latent-uncond']
@@ -226,12 +226,20 @@ def persistent_objects(pickle_bytes):
     objects = []
     def record(meta):
         objects.append((meta['class_name'], json.dumps(meta['state'].get('_init_kwargs'), sort_keys=True), meta['module_src']))
-    class Recorder(persistence.SafeUnpickler):
+    class Recorder(safe_pickle.SafeUnpickler):
         def find_class(self, module, name):
             if (module, name) == ('torch_utils.persistence', '_reconstruct_persistent_obj'):
                 return record
             return super().find_class(module, name)
-    Recorder(io.BytesIO(pickle_bytes)).load()
+        def load_reduce(self):
+            if self.stack[-2] is record:
+                args = self.stack.pop()
+                self.stack[-1] = record(*args)
+                return
+            super().load_reduce()
+        dispatch = dict(safe_pickle.SafeUnpickler.dispatch)
+        dispatch[pickle.REDUCE[0]] = load_reduce
+    Recorder(io.BytesIO(pickle_bytes), 'the pickle').load()
     return sorted(objects)
 
 def top_level_imports(src):

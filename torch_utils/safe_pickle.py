@@ -548,7 +548,10 @@ def _is_checked(func):
     return id(func) in _checked_ids or getattr(func, '__qualname__', '').startswith('_np_dtype_class.')
 
 def _new(cls, args):
-    """NEWOBJ: cls.__new__(cls) for allowed classes, without arguments."""
+    """NEWOBJ: cls.__new__(cls) for allowed classes, without arguments; a checked constructor of the table
+    (EasyDict, OrderedDict, ...) is called without arguments, as REDUCE would."""
+    if isinstance(args, tuple) and not args and not isinstance(cls, type) and _is_checked(cls):
+        return cls()
     if not _instantiable(cls) or not isinstance(args, tuple) or args:
         raise CodeNotAllowedError(f'it makes {_short(cls)}{"" if not args else " with arguments"}, which safe loading does not allow')
     return cls.__new__(cls)

@@ -15,16 +15,23 @@ NETWORK_CLASSES = (
     'training.networks.VEPrecond',
     'training.networks.iDDPMPrecond',
     'training.networks.EDMPrecond',
+    'training.networks_edm2.Precond',
 )
 
 # The entries of training_options.json that hold a class_name, and the classes each may name.
 OPTION_CLASSES = {
     'network_kwargs':       NETWORK_CLASSES,
-    'loss_kwargs':          ('training.loss.VPLoss', 'training.loss.VELoss', 'training.loss.EDMLoss'),
+    'loss_kwargs':          ('training.loss.VPLoss', 'training.loss.VELoss', 'training.loss.EDMLoss', 'training.loss_edm2.EDM2Loss'),
+    'encoder_kwargs':       ('training.encoders.StandardRGBEncoder',),
     'augment_kwargs':       ('training.augment.AugmentPipe',),
     'dataset_kwargs':       ('training.dataset.ImageFolderDataset',),
     'optimizer_kwargs':     ('torch.optim.Adam',),
     'data_loader_kwargs':   ('torch.utils.data.DataLoader',),
+}
+
+# The entries of training_options.json that hold a func_name, and the functions each may name.
+OPTION_FUNCTIONS = {
+    'lr_kwargs':            ('training.loss_edm2.learning_rate_schedule',),
 }
 
 #----------------------------------------------------------------------------
@@ -51,6 +58,10 @@ def check_options(options, source):
             if key not in OPTION_CLASSES:
                 raise ValueError(f'{source}: {key} names a class ({value["class_name"]!r:.100}), which no option of a run does')
             check_class_name(value['class_name'], OPTION_CLASSES[key], f'{source} ({key})')
+        if isinstance(value, dict) and 'func_name' in value:
+            if key not in OPTION_FUNCTIONS:
+                raise ValueError(f'{source}: {key} names a function ({value["func_name"]!r:.100}), which no option of a run does')
+            check_class_name(value['func_name'], OPTION_FUNCTIONS[key], f'{source} ({key})')
     return options
 
 #----------------------------------------------------------------------------
