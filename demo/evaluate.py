@@ -142,8 +142,8 @@ def run_cell(net, scorer, solver, nfe, num, device, batch=250, **options):
 
 def solver_table(net, scorer, nfes, num, pilot_num, pilot_nfes, device, log, batch=250, on_cell=lambda chosen, results: None):
     """Rows of the table: each fast solver on the schedule of lowest mean Frechet distance over pilot_nfes
-    (pilot_num samples), then every NFE on that schedule with `num` samples: EDM's row, then the others, low NFE
-    first; on_cell(chosen, results) after each cell."""
+    (pilot_num samples), then every NFE on that schedule with `num` samples: EDM's row, then the others, each in
+    the order of `nfes` (a partial run then holds the NFE that matter most); on_cell(chosen, results) after each cell."""
     chosen = {}
     for name, solver, options in TABLE_ROWS:
         if solver == 'edm':
@@ -157,7 +157,7 @@ def solver_table(net, scorer, nfes, num, pilot_num, pilot_nfes, device, log, bat
         chosen[name] = dict(options, **CANDIDATE_SCHEDULES[int(np.argmin(scores))])
     results = {name: {} for name in chosen}
     baseline = [(nfe, TABLE_ROWS[0]) for nfe in nfes] # EDM's row first: the reference of the others
-    for nfe, (name, solver, _) in baseline + [(nfe, row) for nfe in nfes for row in TABLE_ROWS[1:]]:
+    for nfe, (name, solver, _) in baseline + [(nfe, row) for nfe in nfes for row in TABLE_ROWS[1:]]: # NFE in the order given
         cell = run_cell(net, scorer, solver, nfe, num, device, batch=batch, **chosen[name])
         results[name][nfe] = cell
         if cell is not None:
@@ -168,6 +168,7 @@ def solver_table(net, scorer, nfes, num, pilot_num, pilot_nfes, device, log, bat
 
 def format_table(chosen, results, nfes):
     """Markdown: Frechet distance / classifier accuracy / ms per image, one row per solver, one column per NFE."""
+    nfes = sorted(nfes)
     lines = ['| Solver (schedule) | ' + ' | '.join(f'NFE {nfe}' for nfe in nfes) + ' |', '| :-- |' + ' --: |' * len(nfes)]
     for name, options in chosen.items():
         label = name if name.startswith('EDM') else f'{name} ({schedule_name(options)})'
@@ -196,7 +197,7 @@ def format_table(chosen, results, nfes):
 @click.option('--guidance-interval', help='Guide only for sigma in (LO, HI]', metavar='LO,HI', type=str, default=None)
 @click.option('--allow-code', help='Load pickles that name code other than ours (runs the code they carry)', is_flag=True)
 @click.option('--table', help='Score the solvers of demo/README.md over --nfe instead', is_flag=True)
-@click.option('--nfe', 'nfe_list', help='With --table: network evaluations per image', metavar='LIST', type=str, default='3,4,5,6,8,10,16,35', show_default=True)
+@click.option('--nfe', 'nfe_list', help='With --table: network evaluations per image, in the order to run them', metavar='LIST', type=str, default='3,4,5,6,8,10,16,35', show_default=True)
 @click.option('--pilot-num', help='With --table: samples per schedule trial', metavar='INT', type=click.IntRange(min=10), default=200, show_default=True)
 @click.option('--pilot-nfe', help='With --table: NFE of the schedule trials', metavar='LIST', type=str, default='5,10', show_default=True)
 @click.option('--out', help='With --table: also write the markdown table here', metavar='PATH', type=str, default=None)
