@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from conftest import FIXTURES, ROOT, fixture_file
-from training import sampling
+from training import sampling, solvers
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator
 
 SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler}
 
-# What a user copies (README, "Generating images"): edm_sampler alone; ablation_sampler with its helpers.
+# What a user copies (README, "Generating images"): training/solvers.py whole, for edm_sampler and the fast
+# solvers; for ablation_sampler, also its two helpers from training/sampling.py.
 COPIED_PARTS = {
-    'edm': ['edm_sampler'],
-    'ablation': ['_step_fractions', 'edm_sigma_steps', 'iddpm_sigma_table', 'vp_sigma', 'default_sigma_range', '_check_num_steps', '_check_choice',
-                 '_guided_denoiser', 'ablation_sampler'],
+    'edm': [],
+    'ablation': ['iddpm_sigma_table', 'default_sigma_range', 'ablation_sampler'],
 }
 
 #----------------------------------------------------------------------------
@@ -58,11 +58,12 @@ def _cases():
         return ['edm-default']
 
 def _pasted_samplers():
-    """The samplers as pasted into a new file: the source text of COPIED_PARTS alone, run in a namespace
-    holding only np and torch."""
+    """The samplers as pasted into a new file: training/solvers.py and the source text of COPIED_PARTS,
+    run in a namespace holding only np and torch."""
     samplers = {}
     for name, parts in COPIED_PARTS.items():
         namespace = dict(np=np, torch=torch)
+        exec(inspect.getsource(solvers), namespace)
         for part in parts:
             exec(inspect.getsource(getattr(sampling, part)), namespace)
         samplers[name] = namespace[f'{name}_sampler']
@@ -114,7 +115,7 @@ def test_pasted_samplers_guide():
 def test_readme_names_what_to_copy():
     with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
         readme = f.read()
-    assert all(f'`{part}`' in readme for parts in COPIED_PARTS.values() for part in parts)
+    assert all(f'`{part}`' in readme for parts in COPIED_PARTS.values() for part in parts + ['training/solvers.py'])
 
 def test_stacked_generator_first_draws(gauss):
     # The fixture's randint follows the randn on the same generators (as labels follow latents in generate.py).

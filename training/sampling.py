@@ -1,5 +1,6 @@
-"""Samplers of Karras et al. 2022: the EDM sampler (Algorithm 2), the
-generalised ablation sampler (Section 3) and per-seed random numbers."""
+"""Samplers of Karras et al. 2022: the generalised ablation sampler (Section 3)
+beside the EDM sampler and the fast solvers of training/solvers.py, per-seed
+random numbers and the checks of the sampler options."""
 
 import math
 
@@ -7,24 +8,10 @@ import numpy as np
 import torch
 
 import dnnlib
+from training.solvers import _check_choice, _check_num_steps, _step_fractions, edm_sampler, edm_sigma_steps, guided_denoiser, vp_betas, vp_sigma # pylint: disable=unused-import
 
 #----------------------------------------------------------------------------
-# Noise level discretisations shared by both samplers.
-
-def _step_fractions(num_steps, device):
-    """i / (N - 1) for i = 0..N-1 in float64; a single step (N = 1) is at fraction 0, i.e. sigma_max."""
-    step_indices = torch.arange(num_steps, dtype=torch.float64, device=device)
-    return step_indices / max(num_steps - 1, 1)
-
-def edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=None):
-    """EDM time steps, eq. 5 of Karras et al. 2022: sigma_max .. sigma_min spaced uniformly in sigma^(1/rho)."""
-    fractions = _step_fractions(num_steps, device)
-    ratio = (sigma_min / sigma_max) ** (1 / rho)
-    if ratio >= 1e-8: # the reference's form
-        return (sigma_max ** (1 / rho) + fractions * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    # A small rho (below about 0.57 for 0.002 .. 80) takes sigma^(1/rho) out of float64's range: the same steps
-    # with sigma_max factored out, sigma_max ((1 - i/(N-1)) + i/(N-1) (sigma_min/sigma_max)^(1/rho))^rho.
-    return (sigma_max * ((1 - fractions) + fractions * ratio) ** rho).clamp(min=sigma_min)
+# Noise levels of the ablation sampler (the EDM steps, vp_sigma and the checks are in training/solvers.py).
 
 def iddpm_sigma_table(M, C_1, C_2, device=None):
     """The improved-DDPM noise levels u[0..M] (u[M] = 0, decreasing in j) in float64."""
@@ -36,10 +23,6 @@ def iddpm_sigma_table(M, C_1, C_2, device=None):
     for j in range(M, 0, -1): # M, ..., 1
         u[j - 1] = float(np.sqrt((u[j] ** 2 + 1) / ratios[j - 1] - 1))
     return torch.tensor(u, dtype=torch.float64, device=device)
-
-def vp_sigma(t, beta_d, beta_min):
-    """VP noise level sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1); t a float or a tensor."""
-    return (np.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
 
 #----------------------------------------------------------------------------
 # Checks of the sampler options, shared by both samplers and the command lines.
@@ -106,116 +89,6 @@ def num_evaluations(num_steps, solver='heun'):
     """Network evaluations per image of either sampler: 2N - 1 with Heun's method (no correction on the last step), N with Euler's."""
     return num_steps if solver == 'euler' else 2 * num_steps - 1
 
-def _check_num_steps(num_steps):
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
-
-def _guided_denoiser(net, class_labels, gnet=None, guidance=1, guidance_interval=None):
-    """The denoiser D(x, sigma[, sigma_host]) that the samplers step with: net (D1) alone for guidance = 1,
-    else D0 + w (D1 - D0) for sigma in (lo, hi] of guidance_interval (Kynkaanniemi et al. 2024) and D1 outside.
-    D0 is gnet (autoguidance, Karras et al. 2024) or, when gnet is None, net given the zero label vector
-    (classifier-free guidance, Ho & Salimans 2022), evaluated in one batch with D1. sigma_host, when given,
-    is float(sigma) already on the host."""
-    if not np.isfinite(guidance):
-        raise ValueError(f'guidance must be a finite number, got {guidance!r}')
-    if gnet is None and guidance != 1 and class_labels is None:
-        raise ValueError('classifier-free guidance needs class labels; give gnet to guide an unconditional network')
-    sigma_lo, sigma_hi = (0, float('inf')) if guidance_interval is None else guidance_interval
-
-    def denoise(x, sigma, sigma_host=None):
-        if guidance == 1 or not sigma_lo < (float(sigma) if sigma_host is None else sigma_host) <= sigma_hi:
-            return net(x, sigma, class_labels).to(torch.float64)
-        if gnet is None: # classifier-free: D0 is net given the zero label vector, in the same batch
-            D1, D0 = net(torch.cat([x, x]), sigma, torch.cat([class_labels, torch.zeros_like(class_labels)])).to(torch.float64).chunk(2)
-        else:
-            D1, D0 = net(x, sigma, class_labels).to(torch.float64), gnet(x, sigma, class_labels).to(torch.float64)
-        return D0 + guidance * (D1 - D0)
-    return denoise
-
-#----------------------------------------------------------------------------
-
-def edm_sampler(
-    net,                            # Denoiser D(x, sigma, class_labels) with sigma_min, sigma_max, round_sigma().
-    latents,                        # Initial noise [N, C, H, W] drawn from N(0, I).
-    class_labels    = None,         # One-hot labels [N, label_dim], or None.
-    randn_like      = torch.randn_like, # Noise source for the churn; called once per step when S_churn > 0.
-    num_steps       = 18,           # N; N = 1 is a single Euler step from sigma_max to 0.
-    sigma_min       = 0.002,        # Lowest noise level (clamped to the network's range).
-    sigma_max       = 80,           # Highest noise level (clamped to the network's range).
-    rho             = 7,            # Time step exponent.
-    S_churn         = 0,            # Stochasticity strength.
-    S_min           = 0,            # Churn only where S_min <= t_i <= S_max.
-    S_max           = float('inf'),
-    S_noise         = 1,            # Noise inflation of the churn.
-    gnet            = None,         # Guiding denoiser D0 (autoguidance); None: net without class labels (classifier-free).
-    guidance        = 1,            # Guidance weight w: D0 + w (D1 - D0); 1 = no guidance.
-    guidance_interval = None,       # Guide only for sigma in (lo, hi]; None: at every noise level.
-):
-    """EDM sampler: Algorithm 2 of Karras et al. 2022 (stochastic Heun, 2N - 1 evaluations), optionally
-    guided (classifier-free guidance, autoguidance, guidance interval; see _guided_denoiser).
-    Self-contained (numpy as np and torch only), so that it can be copied on its own."""
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}')
-    # The guided denoiser, as _guided_denoiser (written out here so that this function can be copied alone).
-    if not np.isfinite(guidance):
-        raise ValueError(f'guidance must be a finite number, got {guidance!r}')
-    if gnet is None and guidance != 1 and class_labels is None:
-        raise ValueError('classifier-free guidance needs class labels; give gnet to guide an unconditional network')
-    sigma_lo, sigma_hi = (0, float('inf')) if guidance_interval is None else guidance_interval
-
-    def denoise(x, sigma, sigma_host=None):
-        """D0 + w (D1 - D0) for sigma in (sigma_lo, sigma_hi], else D1 (eq. 1 of Karras et al. 2024)."""
-        if guidance == 1 or not sigma_lo < (float(sigma) if sigma_host is None else sigma_host) <= sigma_hi:
-            return net(x, sigma, class_labels).to(torch.float64)
-        if gnet is None: # classifier-free: D0 is net given the zero label vector, in the same batch
-            D1, D0 = net(torch.cat([x, x]), sigma, torch.cat([class_labels, torch.zeros_like(class_labels)])).to(torch.float64).chunk(2)
-        else:
-            D1, D0 = net(x, sigma, class_labels).to(torch.float64), gnet(x, sigma, class_labels).to(torch.float64)
-        return D0 + guidance * (D1 - D0)
-
-    # Adjust noise levels based on what's supported by the network.
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-
-    # Time step discretization (eq. 5, as edm_sigma_steps; a single step is at sigma_max); t_N = 0.
-    fractions = torch.arange(num_steps, dtype=torch.float64, device=latents.device) / max(num_steps - 1, 1)
-    ratio = (sigma_min / sigma_max) ** (1 / rho)
-    if ratio >= 1e-8: # the reference's form
-        t_steps = (sigma_max ** (1 / rho) + fractions * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    else: # a small rho takes sigma^(1/rho) out of float64's range: the same steps with sigma_max factored out
-        t_steps = (sigma_max * ((1 - fractions) + fractions * ratio) ** rho).clamp(min=sigma_min)
-    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
-
-    t_host = t_steps.tolist() # read back once, so that the churn window test never waits for the device
-
-    # Main sampling loop.
-    x_next = latents.to(torch.float64) * t_steps[0]
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])): # 0, ..., N-1
-        x_cur = x_next
-
-        # Increase noise temporarily. With churn, randn_like is drawn at every step, also where gamma = 0, to keep
-        # the noise stream per seed; without, gamma = 0 and t_hat = t_i at every step, and nothing is drawn.
-        gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_host[i] <= S_max else 0
-        t_hat = net.round_sigma(t_cur + gamma * t_cur)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur) if S_churn > 0 else x_cur
-
-        # Euler step.
-        denoised = denoise(x_hat, t_hat, t_host[i] if gamma == 0 else None)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-
-        # Second order correction, except on the last step (t_N = 0).
-        if i < num_steps - 1:
-            denoised = denoise(x_next, t_next, t_host[i + 1])
-            d_prime = (x_next - denoised) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-
-    return x_next
-
 #----------------------------------------------------------------------------
 
 def ablation_sampler(
@@ -245,11 +118,10 @@ def ablation_sampler(
     guidance_interval = None,       # Guide only for sigma in (lo, hi]; None: at every noise level.
 ):
     """Generalised sampler of Section 3 of Karras et al. 2022 (Table 1: VP, VE, iDDPM and EDM choices),
-    optionally guided as edm_sampler. To copy it, take _step_fractions, edm_sigma_steps, iddpm_sigma_table,
-    vp_sigma, default_sigma_range, _check_num_steps, _check_choice and _guided_denoiser with it (numpy as np
-    and torch only)."""
+    optionally guided as edm_sampler. To copy it, take training/solvers.py with iddpm_sigma_table and
+    default_sigma_range (numpy as np and torch only)."""
     _check_num_steps(num_steps)
-    denoise = _guided_denoiser(net, class_labels, gnet=gnet, guidance=guidance, guidance_interval=guidance_interval)
+    denoise = guided_denoiser(net, class_labels, gnet=gnet, guidance=guidance, guidance_interval=guidance_interval)
     _check_choice('solver', solver, ['euler', 'heun'])
     _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
     _check_choice('schedule', schedule, ['vp', 've', 'linear'])
@@ -262,8 +134,7 @@ def ablation_sampler(
     sigma_max = min(default_max if sigma_max is None else sigma_max, net.sigma_max)
 
     # VP betas refitted so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max.
-    vp_beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
-    vp_beta_min = np.log(sigma_max ** 2 + 1) - 0.5 * vp_beta_d
+    vp_beta_d, vp_beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
 
     # Noise levels of the discretization.
     if discretization == 'vp':
