@@ -22,6 +22,15 @@ def test_clear_errors(tmp_path):
         load_network_pkl(str(tmp_path / 'noema.pkl'))
 
 
+def test_a_training_state_given_as_network_says_so_in_one_line(tmp_path):
+    path = tmp_path / 'training-state-000010.pt'
+    torch.save(dict(net=make_tiny_net(), optimizer_state={}), path)
+    with pytest.raises(ValueError) as info:
+        load_network_pkl(str(path))
+    message = str(info.value)
+    assert '\n' not in message and str(path) in message and 'training state' in message and 'network-snapshot' in message
+
+
 @pytest.mark.parametrize('precond', ['EDMPrecond', 'VPPrecond'])
 def test_rebuilt_published_style_pickle_is_identical(tmp_path, precond):
     # Load in a process where training.networks cannot be imported: the network

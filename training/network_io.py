@@ -1,7 +1,5 @@
 """Loading network pickles (paths or URLs) with clear errors."""
 
-import os
-import zipfile
 
 import torch
 
@@ -35,6 +33,15 @@ def _read_network_file(network_pkl, key, verbose, allow_code):
     with dnnlib.util.open_regular(path) as f:
         return persistence.load(f, allow_code=allow_code, name=network_pkl)
 
+def _starts_as_zip(path):
+    """Does the file at `path` begin as a zip archive (torch.save's format)? Its first bytes, not its tail: a pickle
+    may carry a zip inside."""
+    try:
+        with dnnlib.util.open_regular(path) as f:
+            return f.read(4) == b'PK\x03\x04'
+    except (OSError, ValueError):
+        return False
+
 def load_network_data(network_pkl, key='ema', verbose=True, allow_code=False):
     """The whole dict of a network pickle (the network under `key` checked as load_network_pkl does)."""
     try:
@@ -48,7 +55,7 @@ def load_network_data(network_pkl, key='ema', verbose=True, allow_code=False):
     except dnnlib.util.DownloadError as err:
         raise IOError(str(err)) from None
     except Exception as err: # pylint: disable=broad-exception-caught
-        if os.path.isfile(network_pkl) and zipfile.is_zipfile(network_pkl): # torch.save's format, as train.py's states
+        if _starts_as_zip(network_pkl): # torch.save's format, as train.py's states
             raise ValueError(f'{network_pkl} is a training state (torch.save), not a network pickle: '
                              f'use the run\'s network-snapshot-*.pkl') from None
         if isinstance(err, OSError) and dnnlib.util.is_url(network_pkl) and network_pkl in str(err):
