@@ -105,7 +105,7 @@ def inputs(tmp_path_factory):
 
 #----------------------------------------------------------------------------
 # Training: 1 kimg in 32 steps of 32 images (16 per process), one resolution level of 8 channels;
-# a tick every 16 steps, and a training state with each tick.
+# a tick every 16 steps, and a training state with each tick (fractional ticks name files by kimg to 3 decimals).
 
 TINY = ['--cbase=8', '--cres=1', '--batch=32', '--tick=0.5', '--snap=2', '--dump=1', '--augment=0', '--device=cpu', '--seed=0',
         '--workers=0', '--duration=0.001']
@@ -131,12 +131,12 @@ def assert_same_state_dicts(a, b):
 
 def assert_same_training(run_a, run_b):
     """The final training states of two runs hold the same weights, EMA and optimizer moments; so do the final snapshots."""
-    a, b = (load_state(os.path.join(run, 'training-state-000001.pt')) for run in (run_a, run_b))
+    a, b = (load_state(os.path.join(run, 'training-state-000001.024.pt')) for run in (run_a, run_b))
     assert a['cur_nimg'] == b['cur_nimg'] == 32 * 32 # 1 kimg, in whole steps
     assert_same_state_dicts(a['net'].state_dict(), b['net'].state_dict())
     assert_same_state_dicts(a['ema'].state_dict(), b['ema'].state_dict())
     assert_same_state_dicts(a['optimizer_state']['state'][0], b['optimizer_state']['state'][0])
-    assert_same_state_dicts(a['ema'].state_dict(), load_ema(os.path.join(run_b, 'network-snapshot-000001.pkl')).state_dict())
+    assert_same_state_dicts(a['ema'].state_dict(), load_ema(os.path.join(run_b, 'network-snapshot-000001.024.pkl')).state_dict())
 
 @pytest.fixture(scope='module')
 def one_node(inputs, tmp_path_factory):
@@ -153,7 +153,7 @@ def test_training_on_two_nodes_equals_two_processes_on_one(one_node, inputs, tmp
     assert_same_training(one_node, two_nodes)
 
 def test_two_nodes_resume_the_state_of_one(one_node, inputs, tmp_path):
-    state = os.path.join(one_node, 'training-state-000000.pt')
+    state = os.path.join(one_node, 'training-state-000000.544.pt')
     assert load_state(state)['cur_nimg'] == 17 * 32 # tick 0 is the first step, tick 1 the next 16
     run_nodes(train_args(tmp_path / 'runs', inputs['data'], f'--resume={state}'), tmp_path)
     assert_same_training(one_node, run_dir(tmp_path / 'runs'))
