@@ -204,16 +204,17 @@ def test_sigterm_then_resume_is_bit_identical(baseline, data, tmp_path):
 
 def test_stop_on_the_step_that_ends_a_tick_then_resume(data, tmp_path):
     # Tick 1 ends on step 33 (at 1056 images); a stop requested during that step must not make the resumed run repeat the tick.
+    # A stop within a kimg names its files by kimg to 3 decimals, apart from the whole-kimg ticks' files.
     def run(name, stop_at_call, *resume):
         run_dir = str(tmp_path / name)
         res = run_script(['tests/preempted_training.py', run_dir, data['uncond'], stop_at_call, *resume])
         return run_dir, [line.split()[1] for line in res.stdout.splitlines() if line.startswith('tick ')]
     whole, whole_ticks = run('whole', 0)
     stopped, stopped_ticks = run('stopped', 33)
-    state = load_state(os.path.join(stopped, 'training-state-000001.pt'))
+    state = load_state(os.path.join(stopped, 'training-state-000001.056.pt'))
     assert stopped_ticks == ['0', '1'] and (state['cur_nimg'], state['cur_tick'], state['tick_start_nimg']) == (1056, 2, 1056)
-    resumed, resumed_ticks = run('resumed', 0, os.path.join(stopped, 'training-state-000001.pt'),
-                                 os.path.join(stopped, 'network-snapshot-000001.pkl'))
+    resumed, resumed_ticks = run('resumed', 0, os.path.join(stopped, 'training-state-000001.056.pt'),
+                                 os.path.join(stopped, 'network-snapshot-000001.056.pkl'))
     assert whole_ticks == ['0', '1', '2'] and resumed_ticks == ['2']
     for name in ['training-state-000002.pt', 'network-snapshot-000002.pkl']:
         assert os.path.isfile(os.path.join(resumed, name)) and os.path.isfile(os.path.join(whole, name))
