@@ -17,8 +17,8 @@ from torch_utils import distributed as dist
 from torch_utils import persistence, safe_pickle
 from torch_utils.misc import choose_device
 from training import generation_edm2
-from training.generation import prepare_network, sample_batches, split_batches
-from training.sampling import check_guidance, check_sampler_options, parse_guidance_interval, parse_seeds
+from training.generation import prepare_network, sample_batches, sampler_name, split_batches
+from training.sampling_cli import check_guidance, check_guidance_options, check_sampler_range, option_name, parse_seeds, resolve_sampler, sampler_options
 
 #----------------------------------------------------------------------------
 
@@ -259,7 +259,8 @@ def calculate_inception_stats_for_network(
     gnet_pkl        = None,         # Guiding network pickle (autoguidance); None: classifier-free when guidance != 1.
     guidance        = 1,            # Guidance weight w (1 = none).
     guidance_interval = None,       # Guide only for sigma in (lo, hi]; None: at every noise level.
-    **sampler_kwargs,               # Options of edm_sampler (num_steps, sigma_min, ...).
+    sampler         = None,         # 'edm' | 'ablation' | a solver of training/solvers.py; None: as generate.py chooses.
+    **sampler_kwargs,               # Its options (num_steps, sigma_min, ...).
 ):
     """Feature statistics (mu, sigma) of the network's samples for `seeds`, over all ranks."""
     from training.network_io import load_network_data, load_network_pkl
@@ -269,17 +270,22 @@ def calculate_inception_stats_for_network(
     dist.print0(f'Loading network from "{network_pkl}"...')
     data = dist.rank0_first(lambda: load_network_data(network_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
     net = data['ema']
-    if generation_edm2.is_edm2_network(net): # EDM2: the EDM2 release's sampler and the pickle's encoder
-        generation_edm2.check_edm2_options(sampler_kwargs, guidance_interval, precision, use_compile)
+    sampler = sampler_name(sampler, sampler_kwargs)
+    if generation_edm2.is_edm2_network(net): # EDM2: the EDM2 release's sampler (or a solver) and the pickle's encoder
+        if sampler == 'edm':
+            sampler_kwargs = generation_edm2.edm2_sampler_kwargs(net, **sampler_kwargs)
+        generation_edm2.check_edm2_options(sampler, sampler_kwargs, guidance_interval, precision, use_compile)
+        if guidance_interval is not None:
+            sampler_kwargs['guidance_interval'] = guidance_interval
         gnet = None if gnet_pkl is None else dist.rank0_first(lambda: load_network_pkl(gnet_pkl, verbose=(dist.get_rank() == 0), allow_code=allow_code))
         batches = (torch.as_tensor(images) for _, images in generation_edm2.edm2_image_batches(
             net.to(device), generation_edm2.default_encoder(data), seeds, device, max_batch_size, class_idx=class_idx,
-            gnet=(gnet.to(device) if gnet is not None else None), guidance=guidance, **sampler_kwargs))
+            gnet=(gnet.to(device) if gnet is not None else None), guidance=guidance, sampler=sampler, **sampler_kwargs))
         detector = dist.rank0_first(lambda: load_detector(detector_url, device=device, verbose=(dist.get_rank() == 0), allow_code=allow_code))
         return accumulate_stats(detector, batches, [net.img_channels, net.img_resolution, net.img_resolution],
                                 num_batches=len(_rank_batches(seeds, max_batch_size)), device=device,
                                 detector_name=f'the feature detector {detector_url}', feature_dim=feature_dim)
-    check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
+    check_sampler_range(net, sampler, sampler_kwargs)
     gnet = None
     if gnet_pkl is not None:
         dist.print0(f'Loading guiding network from "{gnet_pkl}"...')
@@ -293,7 +299,7 @@ def calculate_inception_stats_for_network(
 
     dist.print0(f'Calculating statistics for {len(seeds)} generated images...')
     image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    batches = generate_image_batches(net, seeds, max_batch_size=max_batch_size, class_idx=class_idx, device=device, **sampler_kwargs)
+    batches = generate_image_batches(net, seeds, max_batch_size=max_batch_size, class_idx=class_idx, device=device, sampler=sampler, **sampler_kwargs)
     return accumulate_stats(detector, batches, image_shape, num_batches=len(_rank_batches(seeds, max_batch_size)),
                             device=device, detector_name=f'the feature detector {detector_url}', feature_dim=feature_dim)
 
@@ -373,9 +379,8 @@ def main():
 
 #----------------------------------------------------------------------------
 
-# Options of calc that only apply with --network (None when not given).
-_network_options = dict(seeds='--seeds', class_idx='--class', num_steps='--steps', sigma_min='--sigma_min', sigma_max='--sigma_max',
-                        rho='--rho', S_churn='--S_churn', S_min='--S_min', S_max='--S_max', S_noise='--S_noise', precision='--precision', compile_net='--compile',
+# Options of calc that only apply with --network (None when not given), beside the sampler options.
+_network_options = dict(seeds='--seeds', class_idx='--class', precision='--precision', compile_net='--compile',
                         guidance='--guidance', gnet_pkl='--gnet', guidance_interval='--guidance-interval')
 
 @main.command()
@@ -389,14 +394,7 @@ _network_options = dict(seeds='--seeds', class_idx='--class', num_steps='--steps
 
 @click.option('--seeds',                   help='With --network: random seeds (e.g. 1,2,5-10)  [default: 0-49999]', metavar='LIST', type=str)
 @click.option('--class', 'class_idx',      help='With --network: class label  [default: random]', metavar='INT',     type=click.IntRange(min=0))
-@click.option('--steps', 'num_steps',      help='With --network: number of sampling steps  [default: 18]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--sigma_min',               help='With --network: lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max',               help='With --network: highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho',                     help='With --network: time step exponent  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--S_churn', 'S_churn',      help='With --network: stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_min', 'S_min',          help='With --network: stoch. min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_max', 'S_max',          help='With --network: stoch. max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_noise', 'S_noise',      help='With --network: stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
+@sampler_options(prefix='With --network: ')
 @click.option('--precision',               help='With --network: network precision, as in generate.py  [default: fp32]', type=click.Choice(['fp32', 'tf32', 'bf16', 'fp16']))
 @click.option('--compile', 'compile_net',  help='With --network: torch.compile the network, as in generate.py', is_flag=True, default=None)
 @click.option('--guidance',                help='With --network: guidance weight w  [default: 1 = none]', metavar='FLOAT', type=float)
@@ -410,9 +408,9 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
     given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     if (image_path is None) == (network_pkl is None):
         raise click.ClickException('give exactly one of --images and --network')
-    if image_path is not None and any(network_kwargs[name] is not None for name in _network_options):
-        names = ', '.join(option for name, option in _network_options.items() if network_kwargs[name] is not None)
-        raise click.ClickException(f'{names}: only with --network')
+    given_network_options = [_network_options.get(name) or option_name(name) for name, value in network_kwargs.items() if value is not None]
+    if image_path is not None and given_network_options:
+        raise click.ClickException(f'{", ".join(given_network_options)}: only with --network')
     if network_pkl is not None and (given('num_expected') or given('seed')):
         raise click.ClickException('--num and --seed select images of --images; with --network, use --seeds')
     try:
@@ -426,12 +424,8 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
     if guide_kwargs['guidance'] is None:
         guide_kwargs['guidance'] = 1
     try:
-        guide_kwargs['guidance_interval'] = parse_guidance_interval(network_kwargs.pop('guidance_interval'))
-    except ValueError as err:
-        raise click.ClickException(str(err))
-    sampler_kwargs = {name: value for name, value in network_kwargs.items() if value is not None} # unset: sampler defaults
-    try:
-        check_sampler_options(**sampler_kwargs)
+        guide_kwargs['guidance_interval'] = check_guidance_options(guide_kwargs['guidance'], guide_kwargs['gnet_pkl'], network_kwargs.pop('guidance_interval'))
+        sampler, sampler_kwargs = resolve_sampler(**network_kwargs)
     except ValueError as err:
         raise click.ClickException(str(err))
 
@@ -445,7 +439,7 @@ def calc(image_path, network_pkl, ref_path, num_expected, seed, max_batch_size, 
                                                   num_workers=_default_workers(num_workers), **common)
         else:
             mu, sigma = calculate_inception_stats_for_network(network_pkl, seeds, class_idx=class_idx, precision=precision, use_compile=use_compile,
-                                                              **common, **guide_kwargs, **sampler_kwargs)
+                                                              **common, **guide_kwargs, sampler=sampler, **sampler_kwargs)
         dist.print0('Calculating FID...')
         if dist.get_rank() == 0:
             fid = calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref)

@@ -11,12 +11,12 @@ import numpy as np
 import dnnlib
 from dnnlib.util import parse_int_list # re-exported, as in the reference
 from torch_utils import distributed as dist
-from training.generation import check_class, generate_images, image_path, prepare_network
+from training.generation import check_class, generate_images, image_path, num_evaluations, prepare_network
 from training.image_io import read_image, save_image_grid
 from training.network_io import load_network_data, load_network_pkl
 from training import generation_edm2
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator # re-exported, as in the reference
-from training.sampling import check_guidance, check_sampler_options, parse_guidance_interval, parse_seeds
+from training.sampling_cli import check_guidance, check_guidance_options, check_sampler_range, parse_seeds, resolve_sampler, sampler_options
 
 #----------------------------------------------------------------------------
 
@@ -37,19 +37,7 @@ def _barrier():
 @click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                      type=int, default=None)
 @click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT',                                  type=int, default=64, show_default=True)
 
-@click.option('--steps', 'num_steps',      help='Number of sampling steps', metavar='INT',                            type=int, default=18, show_default=True)
-@click.option('--sigma_min',               help='Lowest noise level  [default: varies]', metavar='FLOAT',             type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max',               help='Highest noise level  [default: varies]', metavar='FLOAT',            type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho',                     help='Time step exponent', metavar='FLOAT',                                type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--S_churn', 'S_churn',      help='Stochasticity strength', metavar='FLOAT',                            type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min',          help='Stoch. min noise level', metavar='FLOAT',                            type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max',          help='Stoch. max noise level', metavar='FLOAT',                            type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise',      help='Stoch. noise inflation', metavar='FLOAT',                            type=float, default=1, show_default=True)
-
-@click.option('--solver',                  help='Ablate ODE solver', metavar='euler|heun',                            type=click.Choice(['euler', 'heun']))
-@click.option('--disc', 'discretization',  help='Ablate time step discretization {t_i}', metavar='vp|ve|iddpm|edm', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
-@click.option('--schedule',                help='Ablate noise schedule sigma(t)', metavar='vp|ve|linear',             type=click.Choice(['vp', 've', 'linear']))
-@click.option('--scaling',                 help='Ablate signal scaling s(t)', metavar='vp|none',                      type=click.Choice(['vp', 'none']))
+@sampler_options()
 
 @click.option('--guidance',                help='Guidance weight w (1 = none)', metavar='FLOAT',                     type=float, default=1, show_default=True)
 @click.option('--gnet', 'gnet_pkl',        help='Guiding network (autoguidance)  [default: classifier-free]', metavar='PATH|URL', type=str, default=None)
@@ -84,9 +72,9 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
         seeds = parse_seeds(seeds)
     except ValueError as err:
         raise click.ClickException(f'--seeds: {err}')
-    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
     try:
-        check_sampler_options(**sampler_kwargs)
+        sampler, sampler_kwargs = resolve_sampler(**sampler_kwargs)
+        guidance_interval = check_guidance_options(guidance, gnet_pkl, guidance_interval)
     except ValueError as err:
         raise click.ClickException(str(err))
     if max_batch_size < 1:
@@ -95,13 +83,6 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
         raise click.ClickException(f'--outdir {outdir} is a file, not a directory')
     if grid is not None and os.path.isdir(grid):
         raise click.ClickException(f'--grid {grid} is a directory, not a file name')
-    for name, value in [('--gnet', gnet_pkl), ('--guidance-interval', guidance_interval)]:
-        if value is not None and guidance == 1:
-            raise click.ClickException(f'{name} has no effect without --guidance (a weight other than 1)')
-    try:
-        guidance_interval = parse_guidance_interval(guidance_interval)
-    except ValueError as err:
-        raise click.ClickException(str(err))
     try:
         device = dist.init(device)
     except (ValueError, RuntimeError) as err:
@@ -124,10 +105,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
 
     if generation_edm2.is_edm2_network(net):
         return _generate_edm2(net, generation_edm2.default_encoder(data), gnet, seeds, outdir, subdirs, class_idx, max_batch_size,
-                              guidance, guidance_interval, device, precision, compile_net, sampler_kwargs, grid, grid_scale)
+                              guidance, guidance_interval, device, precision, compile_net, sampler, sampler_kwargs, grid, grid_scale)
     try:
         check_class(net, class_idx)
-        check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
+        check_sampler_range(net, sampler, sampler_kwargs)
         check_guidance(net, gnet, guidance)
     except ValueError as err:
         raise click.ClickException(str(err))
@@ -141,18 +122,19 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, max_batch_size, guidanc
     if gnet is not None:
         gnet = prepare_network(gnet, device, precision=precision, use_compile=compile_net)
     sampler_kwargs.update(gnet=gnet, guidance=guidance, guidance_interval=guidance_interval)
-    dist.print0(f'Generating {len(seeds)} images to "{outdir}"...')
+    nfe = num_evaluations(sampler, **sampler_kwargs)
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}" with the {sampler} sampler, NFE {nfe}...')
     start_time = time.time()
     try:
-        generate_images(net, seeds, outdir, device, subdirs=subdirs, class_idx=class_idx, max_batch_size=max_batch_size, **sampler_kwargs)
+        generate_images(net, seeds, outdir, device, subdirs=subdirs, class_idx=class_idx, max_batch_size=max_batch_size, sampler=sampler, **sampler_kwargs)
     except ValueError as err:
         raise click.ClickException(str(err))
     except OSError as err:
         raise click.ClickException(f'cannot write {err.filename}: {err.strerror}')
     _barrier()
-    _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, max(time.time() - start_time, 1e-6))
+    _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, max(time.time() - start_time, 1e-6), nfe)
 
-def _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, elapsed):
+def _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, elapsed, nfe):
     """Rank 0 tiles all images, in seed order, into one grid; the closing line."""
     if grid is not None and dist.get_rank() == 0:
         try:
@@ -161,31 +143,35 @@ def _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, elapsed):
             raise click.ClickException(f'cannot write --grid {grid}: {err.strerror or err}')
     _barrier()
     dist.print0(f'Wrote {len(seeds)} images to "{outdir}"' + (f' and a grid to "{grid}"' if grid is not None else '') +
-                f' in {dnnlib.util.format_time(elapsed)} ({len(seeds) / elapsed:.2f} images/s).')
+                f' in {dnnlib.util.format_time(elapsed)} ({len(seeds) / elapsed:.2f} images/s, NFE {nfe}).')
     dist.finish()
 
 #----------------------------------------------------------------------------
 # EDM2 networks: the EDM2 release's sampler, its defaults (32 steps unless --steps is given) and decoding.
 
 def _generate_edm2(net, encoder, gnet, seeds, outdir, subdirs, class_idx, max_batch_size, guidance, guidance_interval,
-                   device, precision, compile_net, sampler_kwargs, grid, grid_scale):
-    if click.get_current_context().get_parameter_source('num_steps') != click.core.ParameterSource.COMMANDLINE:
-        sampler_kwargs.pop('num_steps', None)
+                   device, precision, compile_net, sampler, sampler_kwargs, grid, grid_scale):
+    if sampler == 'edm':
+        sampler_kwargs = generation_edm2.edm2_sampler_kwargs(net, **sampler_kwargs)
     try:
         check_class(net, class_idx)
-        generation_edm2.check_edm2_options(sampler_kwargs, guidance_interval, precision, compile_net)
+        generation_edm2.check_edm2_options(sampler, sampler_kwargs, guidance_interval, precision, compile_net)
         os.makedirs(outdir, exist_ok=True)
         net, gnet = net.to(device), (gnet.to(device) if gnet is not None else None)
-        dist.print0(f'Generating {len(seeds)} images to "{outdir}" with the EDM2 sampler...')
+        if guidance_interval is not None:
+            sampler_kwargs['guidance_interval'] = guidance_interval
+        nfe = num_evaluations(sampler, **sampler_kwargs)
+        name = 'the EDM2 release\'s' if sampler == 'edm' else f'the {sampler}'
+        dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {name} sampler, NFE {nfe}...')
         start_time = time.time()
         generation_edm2.generate_edm2_images(net, encoder, seeds, outdir, device, image_path, subdirs=subdirs, class_idx=class_idx,
-                                             max_batch_size=max_batch_size, gnet=gnet, guidance=guidance, **sampler_kwargs)
+                                             max_batch_size=max_batch_size, gnet=gnet, guidance=guidance, sampler=sampler, nfe=nfe, **sampler_kwargs)
     except (ValueError, ImportError) as err:
         raise click.ClickException(str(err))
     except OSError as err:
         raise click.ClickException(f'cannot write {err.filename}: {err.strerror}')
     _barrier()
-    _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, max(time.time() - start_time, 1e-6))
+    _write_grid_and_finish(outdir, seeds, subdirs, grid, grid_scale, max(time.time() - start_time, 1e-6), nfe)
 
 #----------------------------------------------------------------------------
 

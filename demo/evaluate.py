@@ -29,7 +29,8 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.network_io import load_network_pkl # pylint: disable=wrong-import-position
-from training.sampling import StackedRandomGenerator, edm_sampler, check_guidance, parse_guidance_interval # pylint: disable=wrong-import-position
+from training.sampling import StackedRandomGenerator, edm_sampler # pylint: disable=wrong-import-position
+from training.sampling_cli import check_guidance, parse_guidance_interval # pylint: disable=wrong-import-position
 from training.generation_edm2 import edm2_sampler, is_edm2_network # pylint: disable=wrong-import-position
 from training import solvers # pylint: disable=wrong-import-position
 from fid import calculate_fid_from_inception_stats # pylint: disable=wrong-import-position

@@ -213,6 +213,21 @@ def test_network_samples_equal_generated_pngs(setup, tmp_path):
     print(f'FID of bf16 + compile samples against the fp32 PNGs: {last_float(res):g}')
     assert 0 <= last_float(res) < 1e-2
 
+def test_network_samples_with_a_low_step_solver_equal_generated_pngs(setup, tmp_path):
+    # The solver options of generate.py mean the same in fid.py calc --network: the FID against the PNGs' statistics is 0.
+    s = setup
+    pkl = write_network_pkl(tmp_path / 'net.pkl', make_tiny_net(label_dim=3, img_resolution=8))
+    opts = ['--batch', 4, '--solver', 'dpm_pp', '--order', 2, '--schedule', 'logsnr', '--steps', 4, '--denoise-to-zero']
+    run_script(['generate.py', '--network', pkl, '--outdir', tmp_path / 'png', '--seeds', '0-19', *opts, '--device', 'cpu'])
+    fid_cmd('ref', '--data', tmp_path / 'png', '--dest', tmp_path / 'png.npz', '--detector', s['detector_pkl'], '--device', 'cpu',
+            '--workers', 0, env=s['env'])
+    res = fid_cmd('calc', '--network', pkl, '--seeds', '0-19', *opts, '--ref', tmp_path / 'png.npz', '--detector', s['detector_pkl'],
+                  '--device', 'cpu', env=s['env'])
+    assert abs(last_float(res)) < 1e-6
+    res = fid_cmd('calc', '--network', pkl, '--seeds', '0-19', '--batch', 4, '--steps', 4, '--ref', tmp_path / 'png.npz',
+                  '--detector', s['detector_pkl'], '--device', 'cpu', env=s['env'])
+    assert last_float(res) > 1e-3 # EDM's sampler gives other images
+
 #----------------------------------------------------------------------------
 # Clear one-line errors.
 

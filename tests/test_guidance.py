@@ -13,8 +13,8 @@ import generate
 from conftest import run_script, write_network_pkl
 from test_sampling import GaussianDenoiser
 from training import networks
-from training.sampling import (edm_sampler, ablation_sampler, StackedRandomGenerator, edm_sigma_steps,
-                               check_guidance, parse_guidance_interval)
+from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator, edm_sigma_steps
+from training.sampling_cli import check_guidance, parse_guidance_interval
 
 SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler}
 SEEDS = [0, 1, 2, 3]

@@ -83,8 +83,29 @@ SAMPLER_ERRORS = {
     'S_churn inf':       (['--S_churn=inf'], '--S_churn must be a finite number'),
     'S_min nan':         (['--S_min=nan'], '--S_min must be a finite number'),
     'S_max nan':         (['--S_max=nan'], '--S_max must be a number'),
-    'too many steps':    (['--steps=10001'], '--steps (num_steps) must be an integer from 1 to 10000'),
+    'too many steps':    (['--steps=10001'], '--steps must be an integer from 1 to 10000'),
     'too many seeds':    (['--seeds=0-999999999999'], '--seeds: more than 33554432 numbers'),
+    # Low-step solvers: a wrong combination of options.
+    'order of euler':    (['--solver=euler', '--order=2'], '--order: --solver=euler has a single order'),
+    'order too high':    (['--solver=ipndm', '--order=5'], '--order of --solver=ipndm must be one of 2, 3, 4, got 5'),
+    'order of dpm_pp':   (['--solver=dpm_pp', '--order=4'], '--order of --solver=dpm_pp must be one of 1, 2, 3, got 4'),
+    'churn, fast':       (['--solver=unipc', '--S_churn=40'], '--S_churn: churn is an option of --solver=edm; --solver=unipc is deterministic'),
+    'ablation, fast':    (['--solver=deis', '--disc=vp'], '--disc: options of the ablation sampler'),
+    'ablation schedule': (['--solver=ipndm', '--schedule=vp'], '--schedule: options of the ablation sampler'),
+    'afs without solver': (['--afs'], '--afs: options of the low-step solvers; give --solver='),
+    'order, edm':        (['--solver=edm', '--order=3'], '--order: options of the low-step solvers'),
+    'logsnr, edm':       (['--schedule=logsnr'], '--schedule: options of the low-step solvers'),
+    'edm, ablation':     (['--solver=edm', '--disc=vp'], '--disc: options of the ablation sampler, which takes --solver=euler|heun'),
+    'one step, fast':    (['--solver=ipndm', '--steps=1'], '--steps of --solver=ipndm must be at least 2'),
+    'rho with logsnr':   (['--solver=ipndm', '--schedule=logsnr', '--rho=3'], '--rho has no effect with --schedule=logsnr'),
+    'sigmas and steps':  (['--solver=ipndm', '--sigmas=80,1,0.002', '--steps=5'], '--sigmas gives the noise levels; it takes no --steps'),
+    'sigmas increasing': (['--solver=ipndm', '--sigmas=0.002,1,80'], '--sigmas must be at least two finite, positive, strictly decreasing'),
+    'sigmas one':        (['--solver=ipndm', '--sigmas=80'], '--sigmas must be at least two'),
+    'sigmas zero':       (['--solver=unipc', '--sigmas=80,1,0'], '--sigmas must be at least two'),
+    'sigmas nan':        (['--solver=unipc', '--sigmas=80,nan,1'], '--sigmas must be at least two'),
+    'sigmas inf':        (['--solver=unipc', '--sigmas=inf,1'], '--sigmas must be at least two'),
+    'sigmas text':       (['--solver=unipc', '--sigmas=80,,1'], '--sigmas must be at least two'),
+    'sigmas repeated':   (['--solver=euler', '--sigmas=80,1,1'], '--sigmas must be at least two'),
 }
 NET_ERRORS = {
     # Checked once the network's own limits are known (this one has sigma_max = inf).
@@ -109,7 +130,9 @@ def test_generate_rejects_bad_noise_range_before_sampling(net_pkl, tmp_path, cas
     assert not os.path.exists(tmp_path / 'out')
 
 @pytest.mark.parametrize('options, expected', [(['--rho=nan'], '--rho'), (['--sigma_max=inf'], '--sigma_max is inf'),
-                                               (['--seeds=0-999999999999'], '--seeds'), (['--steps=20000'], '--steps')])
+                                               (['--seeds=0-999999999999'], '--seeds'), (['--steps=20000'], '--steps'),
+                                               (['--solver=ipndm', '--order=7'], '--order'), (['--solver=unipc', '--sigmas=1,2'], '--sigmas'),
+                                               (['--solver=deis', '--S_churn=1'], '--S_churn')])
 def test_fid_calc_network_rejects_the_same_options(net_pkl, tmp_path, options, expected):
     # A valid reference and a detector that does not exist: the check comes before the detector is loaded.
     np.savez(tmp_path / 'ref.npz', mu=np.zeros(16), sigma=np.eye(16))
@@ -154,6 +177,9 @@ def test_progress_counts_network_evaluations(net_pkl, tmp_path):
     res = invoke(generate.main, f'--network={net_pkl}', f'--outdir={tmp_path}', '--seeds=0-2', '--batch=2', '--steps=3',
                  f'--gnet={net_pkl}', '--guidance=2', '--device=cpu')
     assert res.exit_code == 0 and '20/20' in res.stderr, res.output # autoguidance: D0 beside each D1
+    res = invoke(generate.main, f'--network={net_pkl}', f'--outdir={tmp_path}', '--seeds=0-2', '--batch=2', '--steps=4',
+                 '--solver=ipndm', '--device=cpu')
+    assert res.exit_code == 0 and 'NFE 3' in res.stderr and '6/6' in res.stderr, res.output # iPNDM: N - 1 evaluations
 
 @pytest.mark.parametrize('option', ['--gnet', '--guidance-interval'])
 def test_guidance_options_without_guidance_are_an_error(net_pkl, tmp_path, option):

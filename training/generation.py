@@ -15,9 +15,11 @@ from torch_utils import distributed as dist
 from training.image_io import images_to_uint8, save_image
 from training.network_io import rebuild_network
 from training.networks import set_fast_paths
-from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator, check_sampler_options, num_evaluations
+from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator
+from training import solvers
 
-ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling') # any of these selects ablation_sampler
+SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler, **solvers.SOLVERS} # by the names of sample_batches
+ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling') # without a sampler name, any of these selects ablation_sampler
 AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 #----------------------------------------------------------------------------
@@ -120,23 +122,38 @@ def check_class(net, class_idx):
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
         raise ValueError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes (0-{net.label_dim - 1})')
 
+def sampler_name(sampler, sampler_kwargs):
+    """`sampler`, or when None the reference's choice: 'ablation' when any ablation option is set, else 'edm'."""
+    if sampler is None:
+        return 'ablation' if any(sampler_kwargs.get(key) is not None for key in ABLATION_OPTIONS) else 'edm'
+    if sampler not in SAMPLERS:
+        raise ValueError(f'unknown sampler {sampler!r}; choose one of {", ".join(SAMPLERS)}')
+    return sampler
+
+def num_evaluations(sampler, num_steps=18, solver='heun', max_order=None, afs=False, denoise_to_zero=False, sigmas=None, **_other):
+    """Network evaluations per image of a sampler of SAMPLERS with these arguments (a guided step counts once)."""
+    if sampler == 'ablation':
+        return num_steps if solver == 'euler' else 2 * num_steps - 1
+    return solvers.num_evaluations(sampler, num_steps if sigmas is None else len(sigmas), max_order, afs, denoise_to_zero)
+
 @torch.no_grad()
-def sample_batches(net, seeds, device, class_idx=None, max_batch_size=64, progress=False, **sampler_kwargs):
+def sample_batches(net, seeds, device, class_idx=None, max_batch_size=64, progress=False, sampler=None, **sampler_kwargs):
     """Yield (batch_seeds, uint8 images [B, H, W, C]) for this rank's batches; each image depends only on its seed.
-    Unset (None) sampler options are not passed; any ablation option selects ablation_sampler.
-    A SamplerNet with pad_batches runs smaller batches padded with copies of their last seed.
-    With `progress`, rank 0 shows a bar that advances with each network evaluation."""
+    `sampler` names one of SAMPLERS; None: edm_sampler, or ablation_sampler when any ablation option is given.
+    Unset (None) sampler options are not passed. A SamplerNet with pad_batches runs smaller batches padded with
+    copies of their last seed. With `progress`, rank 0 shows a bar that advances with each network evaluation."""
     check_class(net, class_idx)
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
-    check_sampler_options(net.sigma_min, net.sigma_max, **sampler_kwargs)
-    sampler_fn = ablation_sampler if any(key in sampler_kwargs for key in ABLATION_OPTIONS) else edm_sampler
+    sampler = sampler_name(sampler, sampler_kwargs)
+    sampler_fn = SAMPLERS[sampler]
     rank_batches = [batch for batch in split_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()) if len(batch) > 0]
     padded_size = max(map(len, rank_batches), default=0) if getattr(net, 'pad_batches', False) else 0
     # Progress in network evaluations per image: guidance adds D0's (in the same call for classifier-free guidance).
+    nfe = num_evaluations(sampler, **sampler_kwargs)
     guided = sampler_kwargs.get('guidance', 1) != 1
-    nfe = num_evaluations(sampler_kwargs.get('num_steps', 18), sampler_kwargs.get('solver', 'heun')) * (2 if guided else 1)
     run_size = [1] # images of the batch being sampled
-    with tqdm.tqdm(total=nfe * len(rank_batches), unit='eval', disable=(not progress or dist.get_rank() != 0)) as bar:
+    with tqdm.tqdm(total=nfe * (2 if guided else 1) * len(rank_batches), unit='eval', desc=f'NFE {nfe}',
+                   disable=(not progress or dist.get_rank() != 0)) as bar:
         if not bar.disable:
             count = lambda out: bar.update(out.shape[0] // run_size[0])
             net = _reporting(net, device.type, count)
@@ -178,12 +195,13 @@ def _save_images(images, paths):
             err.filename, err.filename2 = path, None
             raise
 
-def generate_images(net, seeds, outdir, device, subdirs=False, class_idx=None, max_batch_size=64, **sampler_kwargs):
+def generate_images(net, seeds, outdir, device, subdirs=False, class_idx=None, max_batch_size=64, sampler=None, **sampler_kwargs):
     """Write this rank's images as outdir/{seed:06d}.png (see sample_batches). A thread writes
     each batch while the next one samples; at most one batch waits, and its errors surface here."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for batch_seeds, images in sample_batches(net, seeds, device, class_idx=class_idx, max_batch_size=max_batch_size, progress=True, **sampler_kwargs):
+        for batch_seeds, images in sample_batches(net, seeds, device, class_idx=class_idx, max_batch_size=max_batch_size, progress=True,
+                                                       sampler=sampler, **sampler_kwargs):
             if pending is not None:
                 pending.result()
             pending = writer.submit(_save_images, images, [image_path(outdir, seed, subdirs) for seed in batch_seeds])

@@ -15,6 +15,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training.image_io import save_image
 from training.sampling import StackedRandomGenerator
+from training import solvers
 
 EDM2_SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7)
 EDM2_SAMPLER_OPTIONS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise') # what generate.py passes on
@@ -90,8 +91,9 @@ def edm2_batches(seeds, max_batch_size, rank=0, world_size=1):
     num_batches = max((len(seeds) - 1) // (max_batch_size * world_size) + 1, 1) * world_size
     return np.array_split(np.arange(len(seeds)), num_batches)[rank :: world_size]
 
-def edm2_images(net, encoder, seeds, device, class_idx=None, gnet=None, **sampler_kwargs):
-    """uint8 [N, C, H, W] pixels of one batch of seeds: noise, then labels, from one generator per seed."""
+def edm2_images(net, encoder, seeds, device, class_idx=None, gnet=None, sampler='edm', **sampler_kwargs):
+    """uint8 [N, C, H, W] pixels of one batch of seeds: noise, then labels, from one generator per seed; sampled by
+    edm2_sampler (sampler 'edm') or by a solver of training/solvers.py."""
     rnd = StackedRandomGenerator(device, list(seeds))
     noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = None
@@ -101,18 +103,24 @@ def edm2_images(net, encoder, seeds, device, class_idx=None, gnet=None, **sample
             labels[:, :] = 0
             labels[:, class_idx] = 1
     with torch.no_grad():
-        latents = edm2_sampler(net, noise, labels, gnet=gnet, randn_like=rnd.randn_like, **edm2_sampler_kwargs(net, **sampler_kwargs))
+        if sampler == 'edm':
+            latents = edm2_sampler(net, noise, labels, gnet=gnet, randn_like=rnd.randn_like, **edm2_sampler_kwargs(net, **sampler_kwargs))
+        else:
+            latents = solvers.SOLVERS[sampler](net, noise, labels, randn_like=rnd.randn_like, gnet=gnet, **sampler_kwargs).to(torch.float32)
         return encoder.decode(latents)
 
 #----------------------------------------------------------------------------
 
-def check_edm2_options(sampler_kwargs, guidance_interval=None, precision='fp32', use_compile=False):
-    """Raise ValueError for generate.py options that the EDM2 sampling here does not take."""
+def check_edm2_options(sampler, sampler_kwargs, guidance_interval=None, precision='fp32', use_compile=False):
+    """Raise ValueError for command-line options that the EDM2 sampling here does not take."""
+    if sampler == 'ablation':
+        raise ValueError('an EDM2 network is sampled with the EDM2 sampler or a low-step --solver, not the ablation sampler '
+                         '(--solver=euler|heun alone, --disc, --schedule=vp|ve|linear, --scaling)')
     unknown = sorted(key for key, value in sampler_kwargs.items() if value is not None and key not in EDM2_SAMPLER_OPTIONS)
-    if unknown:
+    if sampler == 'edm' and unknown:
         raise ValueError(f'an EDM2 network is sampled with the EDM2 sampler, which takes no --{", --".join(unknown)}')
-    if guidance_interval is not None:
-        raise ValueError('an EDM2 network is sampled with the EDM2 sampler, which takes no --guidance-interval')
+    if sampler == 'edm' and guidance_interval is not None:
+        raise ValueError('the EDM2 sampler guides at every noise level: --guidance-interval needs a low-step --solver')
     if precision != 'fp32' or use_compile:
         raise ValueError('an EDM2 network is sampled in float32 as the EDM2 release samples it (no --precision, no --compile)')
 
@@ -127,11 +135,13 @@ def edm2_image_batches(net, encoder, seeds, device, max_batch_size=32, class_idx
             yield batch_seeds, edm2_images(net, encoder, batch_seeds, device, class_idx=class_idx, gnet=gnet, **sampler_kwargs)
 
 def generate_edm2_images(net, encoder, seeds, outdir, device, image_path, subdirs=False, class_idx=None, max_batch_size=32,
-                         gnet=None, **sampler_kwargs):
-    """Write this rank's images as PNGs at image_path(outdir, seed, subdirs). Decoded images must have 1 or 3 channels."""
+                         gnet=None, nfe=None, **sampler_kwargs):
+    """Write this rank's images as PNGs at image_path(outdir, seed, subdirs). Decoded images must have 1 or 3 channels.
+    The progress bar names `nfe`, the network evaluations per image, when given."""
     batches = edm2_image_batches(net, encoder, seeds, device, max_batch_size, class_idx=class_idx, gnet=gnet, **sampler_kwargs)
     num_batches = len(edm2_batches(seeds, max_batch_size, dist.get_rank(), dist.get_world_size()))
-    for batch_seeds, images in tqdm.tqdm(batches, total=num_batches, unit='batch', disable=(dist.get_rank() != 0)):
+    for batch_seeds, images in tqdm.tqdm(batches, total=num_batches, unit='batch', desc=(None if nfe is None else f'NFE {nfe}'),
+                                         disable=(dist.get_rank() != 0)):
         if images.shape[1] not in (1, 3):
             raise ValueError(f'the network\'s encoder decodes {images.shape[1]}-channel images; PNG files take 1 or 3')
         for seed, image in zip(batch_seeds, images.permute(0, 2, 3, 1).cpu().numpy()):

@@ -1,13 +1,10 @@
 """Samplers of Karras et al. 2022: the generalised ablation sampler (Section 3)
-beside the EDM sampler and the fast solvers of training/solvers.py, per-seed
-random numbers and the checks of the sampler options."""
-
-import math
+beside the EDM sampler and the fast solvers of training/solvers.py, and
+per-seed random numbers."""
 
 import numpy as np
 import torch
 
-import dnnlib
 from training.solvers import _check_choice, _check_num_steps, _step_fractions, edm_sampler, edm_sigma_steps, guided_denoiser, vp_betas, vp_sigma # pylint: disable=unused-import
 
 #----------------------------------------------------------------------------
@@ -24,70 +21,11 @@ def iddpm_sigma_table(M, C_1, C_2, device=None):
         u[j - 1] = float(np.sqrt((u[j] ** 2 + 1) / ratios[j - 1] - 1))
     return torch.tensor(u, dtype=torch.float64, device=device)
 
-#----------------------------------------------------------------------------
-# Checks of the sampler options, shared by both samplers and the command lines.
-
-MAX_STEPS = 10000 # --steps
-
 def default_sigma_range(discretization='edm', epsilon_s=1e-3):
     """(sigma_min, sigma_max) that the samplers use when none is given: those of the discretization (Table 1)."""
     _check_choice('discretization', discretization, ['vp', 've', 'iddpm', 'edm'])
     return {'vp': (vp_sigma(epsilon_s, beta_d=19.9, beta_min=0.1), vp_sigma(1, beta_d=19.9, beta_min=0.1)),
             've': (0.02, 100), 'iddpm': (0.002, 81), 'edm': (0.002, 80)}[discretization]
-
-def _check_finite(name, value, low=None):
-    if not math.isfinite(value) or (low is not None and value < low):
-        raise ValueError(f'--{name} must be a finite number' + ('' if low is None else f' >= {low:g}') + f', got {value:g}')
-
-def check_sampler_options(
-    net_sigma_min   = None,         # The network's lowest noise level; None: not known yet (no range check).
-    net_sigma_max   = None,         # The network's highest noise level.
-    num_steps       = 18,
-    sigma_min       = None,         # None: the discretization's default.
-    sigma_max       = None,
-    rho             = 7,
-    S_churn         = 0,
-    S_min           = 0,
-    S_max           = float('inf'),
-    S_noise         = 1,
-    discretization  = 'edm',
-    **_other,                       # Other ablation options, checked by ablation_sampler.
-):
-    """Raise ValueError naming the option (as the command lines call it) unless the sampler options are usable.
-    Given the network's range, return the (sigma_min, sigma_max) that the sampler uses: clamped to that range,
-    finite, positive and increasing; else None."""
-    if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= MAX_STEPS:
-        raise ValueError(f'--steps (num_steps) must be an integer from 1 to {MAX_STEPS}, got {num_steps!r}')
-    _check_finite('rho', rho)
-    if rho <= 0:
-        raise ValueError(f'--rho must be positive, got {rho:g}')
-    _check_finite('S_churn', S_churn, low=0)
-    _check_finite('S_min', S_min)
-    _check_finite('S_noise', S_noise)
-    if math.isnan(S_max):
-        raise ValueError('--S_max must be a number (inf for no upper limit), got nan')
-    for name, value in (('sigma_min', sigma_min), ('sigma_max', sigma_max)):
-        if value is not None and not value > 0: # also NaN
-            raise ValueError(f'--{name} must be positive, got {value:g}')
-    if net_sigma_min is None or net_sigma_max is None:
-        return None
-
-    # The range the sampler uses: the discretization's default, then the network's limits.
-    default_min, default_max = default_sigma_range(discretization or 'edm')
-    sigma_min = max(default_min if sigma_min is None else sigma_min, net_sigma_min)
-    sigma_max = min(default_max if sigma_max is None else sigma_max, net_sigma_max)
-    for name, value in (('sigma_min', sigma_min), ('sigma_max', sigma_max)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f'--{name} is {value:g} within the network\'s noise levels '
-                             f'[{net_sigma_min:g}, {net_sigma_max:g}]; it must be finite and positive')
-    if not sigma_min < sigma_max:
-        raise ValueError(f'--sigma_min must be below --sigma_max, got {sigma_min:g} and {sigma_max:g} '
-                         f'within the network\'s noise levels [{net_sigma_min:g}, {net_sigma_max:g}]')
-    return sigma_min, sigma_max
-
-def num_evaluations(num_steps, solver='heun'):
-    """Network evaluations per image of either sampler: 2N - 1 with Heun's method (no correction on the last step), N with Euler's."""
-    return num_steps if solver == 'euler' else 2 * num_steps - 1
 
 #----------------------------------------------------------------------------
 
@@ -215,13 +153,6 @@ def ablation_sampler(
 
 #----------------------------------------------------------------------------
 
-MAX_SEEDS = 1 << 25 # 33,554,432 images per run
-
-def parse_seeds(s):
-    """Seeds from a list such as '1,2,5-10' (at most MAX_SEEDS of them); as in the reference, any integer,
-    taken modulo 2^32 by StackedRandomGenerator."""
-    return dnnlib.util.parse_int_list(s, max_len=MAX_SEEDS)
-
 class StackedRandomGenerator:
     """Per-seed random numbers: one torch.Generator per image, so an image depends only on its seed."""
 
@@ -248,36 +179,5 @@ class StackedRandomGenerator:
         self._check_size(size)
         kwargs.setdefault('device', self.device)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
-
-#----------------------------------------------------------------------------
-# Guidance options of the command lines (generate.py, fid.py, demo/evaluate.py).
-
-def parse_guidance_interval(text):
-    """'LO,HI' -> (lo, hi) with 0 <= lo < hi: guide for sigma in (lo, hi]; None or '' -> None."""
-    if text is None or text == '':
-        return None
-    parts = text.split(',')
-    try:
-        lo, hi = (float(part) for part in parts) if len(parts) == 2 else (None, None)
-    except ValueError:
-        lo = hi = None
-    if lo is None or not 0 <= lo < hi:
-        raise ValueError(f'--guidance-interval must be LO,HI with 0 <= LO < HI (noise levels), got {text!r}')
-    return lo, hi
-
-def check_guidance(net, gnet=None, guidance=1):
-    """Raise ValueError unless `net` can be guided by `gnet` (autoguidance) or, with gnet None, by itself
-    without class labels (classifier-free guidance, only meaningful for a network trained with label dropout)."""
-    if not np.isfinite(guidance):
-        raise ValueError(f'--guidance must be a finite number, got {guidance}')
-    if gnet is not None:
-        for name in ('img_resolution', 'img_channels', 'label_dim'):
-            if getattr(gnet, name) != getattr(net, name):
-                raise ValueError(f'--gnet has {name}={getattr(gnet, name)}, the network {name}={getattr(net, name)}')
-    elif guidance != 1 and not net.label_dim:
-        raise ValueError('--guidance without --gnet is classifier-free guidance, which needs a conditional network; give --gnet')
-    elif guidance != 1 and not getattr(getattr(net, 'model', None), 'label_dropout', 0) > 0:
-        raise ValueError('--guidance without --gnet is classifier-free guidance, which needs a network trained with '
-                         'label dropout (train.py --label-dropout); this one was not: give --gnet')
 
 #----------------------------------------------------------------------------

@@ -102,7 +102,9 @@ def _prepare(net, latents, class_labels, num_steps, sigma_min, sigma_max, schedu
         t_host = check_sigmas(sigmas)
     else:
         _check_num_steps(num_steps, least=2)
-        t_host = sigma_steps(num_steps, max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max), schedule, rho).tolist()
+        sigma_min = max(sigma_min, getattr(net, 'sigma_min', 0)) # within the network's range, if it states one
+        sigma_max = min(sigma_max, getattr(net, 'sigma_max', float('inf')))
+        t_host = sigma_steps(num_steps, sigma_min, sigma_max, schedule, rho).tolist()
     return denoise, torch.tensor(t_host, dtype=torch.float64, device=latents.device), t_host
 
 def _direction(denoise, x, t, t_host, afs):
