@@ -74,7 +74,7 @@ def _worker(root, config_name, mode, device_name, what, steps, iters, batch=None
         _set_inductor_options(inductor)
     slow = [op for op in slow_ops.split(',') if op]
     freeze = 'freeze' not in slow # compiled sampling; training never freezes its weights
-    fast_paths = 'paths' not in slow # training.networks.set_fast_paths
+    fast_paths = 'paths' not in slow # training.fast_layers.set_fast_paths
     torch.manual_seed(0)
 
     net_kwargs = dict(cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
@@ -173,8 +173,8 @@ def _our_sampling(net, device, mode, batch, steps, freeze, fast_paths):
     precision = {'fast': 'fp16' if device.type == 'cuda' else 'bf16'}.get(mode, mode)
     sampler_net = prepare_network(net, device, precision=precision, use_compile=(mode == 'fast'), freeze=freeze)
     if not fast_paths: # before the first call, which compiles
-        from training import networks
-        networks.set_fast_paths(sampler_net.net, False) # a compiled wrapper holds the modules too
+        from training import fast_layers
+        fast_layers.set_fast_paths(sampler_net.net, False) # a compiled wrapper holds the modules too
     seeds = list(range(batch))
     def sample():
         ((_seeds, images),) = sample_batches(sampler_net, seeds, device, max_batch_size=batch, num_steps=steps)
@@ -216,8 +216,8 @@ def _our_training_step(net, device, mode, batch, fast_paths, train_graphs, use_f
     fast = mode in ('bf16', 'fast')
     net.train().requires_grad_(True)
     if fast:
-        from training import networks
-        networks.set_fast_paths(net, fast_paths)
+        from training import fast_layers
+        fast_layers.set_fast_paths(net, fast_paths)
     if mode == 'fast':
         net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)

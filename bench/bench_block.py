@@ -39,7 +39,7 @@ def make_blocks(device):
 def make_fn(blocks, fast):
     """The two blocks on the concatenations of their inputs, as SongUNet's decoder runs them: with the
     fast paths (training/fast_layers.py) or, with fast=False, the faithful forms."""
-    networks.set_fast_paths(blocks, fast)
+    fast_layers.set_fast_paths(blocks, fast)
     cat = fast_layers.cat_skip if fast else (lambda x, skip: torch.cat([x, skip], dim=1))
     def fn(x, skip1, skip2, emb):
         for block, skip in zip(blocks, (skip1, skip2)):

@@ -149,7 +149,7 @@ def main(what, batch, show, freeze):
         import triton # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
         raise click.ClickException('needs the triton package: pip install --no-deps --target DIR triton, then PYTHONPATH=DIR') from None
-    from training import networks # pylint: disable=import-outside-toplevel
+    from training import fast_layers # pylint: disable=import-outside-toplevel
     from torch._inductor.utils import run_and_get_code # pylint: disable=import-outside-toplevel
     sources = capture_triton_kernels()
     if what == 'train':
@@ -157,7 +157,7 @@ def main(what, batch, show, freeze):
     torch.backends.mkldnn.enabled = False # inductor's layout decisions as on CUDA
     cfg = CONFIGS['cifar10-ddpmpp']
     net = dnnlib.util.construct_class_by_name(**cfg['net'], img_resolution=cfg['res'], img_channels=cfg['ch'], label_dim=cfg['label_dim'])
-    networks.set_fast_paths(net)
+    fast_layers.set_fast_paths(net)
     net = net.train(what == 'train').requires_grad_(what == 'train').to(memory_format=torch.channels_last)
     x = torch.randn([batch, cfg['ch'], cfg['res'], cfg['res']])
     sigma = torch.ones([batch])

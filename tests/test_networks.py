@@ -192,7 +192,7 @@ def test_networks_module_imports_only_what_the_reference_has():
 def test_pickle_roundtrip_in_process_keeps_fast_paths():
     d = load_fixture('net-edm-ddpmpp-cond-aug')
     net, _ = build_net(d)
-    assert networks.set_fast_paths(net) > 0
+    assert fast_layers.set_fast_paths(net) > 0
     clone = pickle.loads(pickle.dumps(net.eval()))
     x, sigma, labels, kwargs = net_inputs(d)
     with torch.no_grad():
@@ -312,14 +312,14 @@ def test_fast_paths_reproduce_fixture(name, channels_last):
     x, sigma, labels, kwargs = net_inputs(d)
     with torch.no_grad():
         faithful = net.eval()(x, sigma, labels, **kwargs)
-    assert networks.set_fast_paths(net) > 0
+    assert fast_layers.set_fast_paths(net) > 0
     norm_layouts = []
     for module in net.modules():
         if type(module).__name__ == 'GroupNorm':
             module.register_forward_pre_hook(lambda _m, args: norm_layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     assert_reproduces_fixture(net, d)
     assert norm_layouts and (all(norm_layouts) or not channels_last) # every normalisation sees channels-last inputs
-    networks.set_fast_paths(net, False) # the faithful forms again, to the bit
+    fast_layers.set_fast_paths(net, False) # the faithful forms again, to the bit
     with torch.no_grad():
         assert torch.equal(net.eval()(x, sigma, labels, **kwargs), faithful)
 
@@ -328,7 +328,7 @@ def test_fast_paths_compile_as_one_graph(name):
     # A graph break splits torch.compile's graph (and the sampler's CUDA graph) and runs the rest eagerly.
     d = load_fixture(name)
     net, _ = build_net(d)
-    networks.set_fast_paths(net)
+    fast_layers.set_fast_paths(net)
     net = net.to(memory_format=torch.channels_last)
     x, sigma, labels, kwargs = net_inputs(d)
     x = x.to(memory_format=torch.channels_last)
@@ -348,7 +348,7 @@ def test_compiled_graph_has_no_scalar_tensor_inputs(name):
     # A 0-dim tensor input is a CPU tensor: inductor then makes no CUDA graph of it (releases before graph
     # partitioning; DDPM++'s skip_scale, np.sqrt(0.5), was one). Python numbers are compiled in as constants.
     net, _ = build_net(load_fixture(name))
-    networks.set_fast_paths(net)
+    fast_layers.set_fast_paths(net)
     net.eval().requires_grad_(False)
     inputs = []
     def backend(gm, example_inputs):
@@ -366,7 +366,7 @@ def test_compiled_fast_network_equals_eager():
     # affine views) compute what eager mode computes. Inference only: compiling the training step takes minutes here.
     d = load_fixture('net-edm-ddpmpp-cond-aug')
     net, _ = build_net(d)
-    networks.set_fast_paths(net)
+    fast_layers.set_fast_paths(net)
     net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     x, sigma, labels, kwargs = net_inputs(d)
     x = x.to(memory_format=torch.channels_last)
@@ -391,7 +391,7 @@ def test_pooled_resampling_equals_depthwise_convolution():
         conv = networks.Conv2d(in_channels=8, out_channels=8, kernel=0, up=up, down=not up)
         x = torch.randn([2, 8, 6, 6], dtype=torch.float64)
         expected = conv(x)
-        assert networks.set_fast_paths(conv) == 1
+        assert fast_layers.set_fast_paths(conv) == 1
         assert torch.allclose(conv(x), expected, rtol=0, atol=1e-15) and conv(x).shape == expected.shape
 
 def test_channels_last_group_norm_gradients_equal_group_norm():
@@ -404,7 +404,7 @@ def test_channels_last_group_norm_gradients_equal_group_norm():
         for fast in [True, False]:
             norm = networks.GroupNorm(num_channels=32, num_groups=8).to(torch.float64)
             norm.load_state_dict(dict(weight=weight, bias=bias))
-            networks.set_fast_paths(norm, fast)
+            fast_layers.set_fast_paths(norm, fast)
             inputs = [x.detach().requires_grad_(), norm.weight.requires_grad_(weight_grad), norm.bias.requires_grad_(weight_grad)]
             norm(inputs[0]).backward(dy)
             grads.append([t.grad for t in inputs])

@@ -256,11 +256,11 @@ def unet_blocks(unet, x, emb):
     skips = []
     aux = x
     for name, block in unet.enc.items():
-        if name.endswith('_aux_down'):
+        if 'aux_down' in name:
             aux = block(aux)
-        elif name.endswith('_aux_skip'):
+        elif 'aux_skip' in name:
             x = skips[-1] = x + block(aux)
-        elif name.endswith('_aux_residual'):
+        elif 'aux_residual' in name:
             x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
         else:
             x = unet_block(block, x, emb, next(params)) if _is_block(name) else block(x)
@@ -270,11 +270,11 @@ def unet_blocks(unet, x, emb):
     aux = None
     tmp = None
     for name, block in unet.dec.items():
-        if name.endswith('_aux_up'):
+        if 'aux_up' in name:
             aux = block(aux)
-        elif name.endswith('_aux_norm'):
+        elif 'aux_norm' in name:
             tmp = block(x)
-        elif name.endswith('_aux_conv'):
+        elif 'aux_conv' in name:
             tmp = block(silu(tmp))
             aux = tmp if aux is None else tmp + aux
         else:
@@ -282,5 +282,26 @@ def unet_blocks(unet, x, emb):
                 x = cat_skip(x, skips.pop())
             x = unet_block(block, x, emb, next(params))
     return aux if aux is not None else unet.out_conv(silu(unet.out_norm(x)))
+
+#----------------------------------------------------------------------------
+# The switch: the networks' layers take the forms of this module.
+
+_FAST_CLASSES = ('Conv2d', 'GroupNorm', 'UNetBlock', 'SongUNet', 'DhariwalUNet') # of training/networks.py, by name
+
+def set_fast_paths(net, enabled=True):
+    """Switch the layers of `net` (or a layer) between their faithful forms and their fast forms
+    (this module's), which compute the same function to float32
+    rounding: scaled_dot_product_attention, average pooling and nearest
+    upsampling for the [1,1] resampling filter, group statistics taken in
+    place on channels-last tensors, the blocks' affine layers as one matrix
+    product of the embedding, and layouts fixed for torch.compile. Returns
+    the number of modules switched."""
+    count = 0
+    for module in net.modules():
+        if type(module).__name__ in _FAST_CLASSES and hasattr(module, 'fast_paths'):
+            # Convolutions have a fast form only where they resample with the [1,1] filter (decided here, not in the graph).
+            module.fast_paths = bool(enabled and (type(module).__name__ != 'Conv2d' or pools(module)))
+            count += int(module.fast_paths)
+    return count
 
 #----------------------------------------------------------------------------

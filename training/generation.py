@@ -14,7 +14,7 @@ import tqdm
 from torch_utils import distributed as dist
 from training.image_io import images_to_uint8, save_image
 from training.network_io import rebuild_network
-from training.networks import set_fast_paths
+from training.fast_layers import set_fast_paths
 from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator
 from training import solvers
 

@@ -8,7 +8,7 @@ whoever loads them (the reference release too), so it imports only the standard
 library, numpy, torch and torch_utils.persistence. The layers' fast forms, for torch.compile
 and reduced precision, live in training/fast_layers.py: each layer's forward
 is the faithful formula, with one dispatch line to its fast form, taken only
-when set_fast_paths has switched it on."""
+when training/fast_layers.py's set_fast_paths has switched it on."""
 
 import contextlib
 
@@ -64,7 +64,7 @@ class Linear(torch.nn.Module):
 
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
-    fast_paths = False # Take the fast form: pooling for the [1,1] filter (see set_fast_paths).
+    fast_paths = False # Take the fast form: pooling for the [1,1] filter (see fast_layers.set_fast_paths).
 
     def __init__(self,
         in_channels,                    # Number of input channels.
@@ -101,20 +101,18 @@ class Conv2d(torch.nn.Module):
         f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-        in_channels = self.in_channels
-        out_channels = self.out_channels
 
         if self.fused_resample and self.up and w is not None:
-            x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([in_channels, 1, 1, 1]), groups=in_channels, stride=2, padding=max(f_pad - w_pad, 0))
+            x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
             x = torch.nn.functional.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             x = torch.nn.functional.conv2d(x, w, padding=w_pad + f_pad)
-            x = torch.nn.functional.conv2d(x, f.tile([out_channels, 1, 1, 1]), groups=out_channels, stride=2)
+            x = torch.nn.functional.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
         else:
             if self.up:
-                x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([in_channels, 1, 1, 1]), groups=in_channels, stride=2, padding=f_pad)
+                x = torch.nn.functional.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if self.down:
-                x = torch.nn.functional.conv2d(x, f.tile([in_channels, 1, 1, 1]), groups=in_channels, stride=2, padding=f_pad)
+                x = torch.nn.functional.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None:
                 x = torch.nn.functional.conv2d(x, w, padding=w_pad)
         if b is not None:
@@ -126,7 +124,7 @@ class Conv2d(torch.nn.Module):
 
 @persistence.persistent_class
 class GroupNorm(torch.nn.Module):
-    fast_paths = False # Take the fast form (see set_fast_paths).
+    fast_paths = False # Take the fast form (see fast_layers.set_fast_paths).
 
     def __init__(self,
         num_channels,                   # Number of channels.
@@ -181,7 +179,7 @@ class AttentionOp(torch.autograd.Function):
 
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
-    fast_paths = False # Take the fast form (see set_fast_paths).
+    fast_paths = False # Take the fast form (see fast_layers.set_fast_paths).
 
     def __init__(self,
         in_channels,                    # Number of input channels.
@@ -253,31 +251,12 @@ class UNetBlock(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 # Fast paths: the fast forms of training/fast_layers.py in place of the
-# faithful ones, for torch.compile and reduced precision.
-
-_FAST_CLASSES = ('Conv2d', 'GroupNorm', 'UNetBlock', 'SongUNet', 'DhariwalUNet')
+# faithful ones, switched on by fast_layers.set_fast_paths.
 
 def _fast_layers():
     """The module of the fast forms, imported when a fast path is first taken."""
     from training import fast_layers # pylint: disable=import-outside-toplevel
     return fast_layers
-
-def set_fast_paths(net, enabled=True):
-    """Switch the layers of `net` (or a layer) between their faithful forms and their fast forms
-    (training/fast_layers.py), which compute the same function to float32
-    rounding: scaled_dot_product_attention, average pooling and nearest
-    upsampling for the [1,1] resampling filter, group statistics taken in
-    place on channels-last tensors, the blocks' affine layers as one matrix
-    product of the embedding, and layouts fixed for torch.compile. Returns
-    the number of modules switched."""
-    fast_layers = _fast_layers() if enabled else None # fails here rather than in a forward where the module is missing
-    count = 0
-    for module in net.modules():
-        if type(module).__name__ in _FAST_CLASSES and hasattr(module, 'fast_paths'):
-            # Convolutions have a fast form only where they resample with the [1,1] filter (decided here, not in the graph).
-            module.fast_paths = bool(enabled and (type(module).__name__ != 'Conv2d' or fast_layers.pools(module)))
-            count += int(module.fast_paths)
-    return count
 
 #----------------------------------------------------------------------------
 # Noise-level embeddings.
@@ -315,18 +294,9 @@ class FourierEmbedding(torch.nn.Module):
         x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
 
-def _class_embedding_input(class_labels, label_dropout, training, batch_size):
-    """Class labels with each image's labels zeroed with probability label_dropout in training
-    (one draw per image, even where one row of labels is broadcast over the batch)."""
-    if training and label_dropout:
-        keep = torch.rand([batch_size, 1], device=class_labels.device) >= label_dropout
-        class_labels = class_labels * keep.to(class_labels.dtype)
-    return class_labels
-
 def add_embedding(emb, term):
-    """emb + term for the mapping networks' sums, with term cast to emb's dtype first: the value type
-    promotion gives (emb is float32, or both are in the autocast dtype). Compiled by inductor in
-    PyTorch 2.5, float32 plus a bfloat16 matrix product becomes one addmm of mixed dtypes, which fails."""
+    """emb + term in emb's dtype, as type promotion gives it; the explicit cast keeps inductor from fusing
+    float32 and a bfloat16 matrix product into one mixed-dtype addmm, which fails."""
     return emb + term.to(emb.dtype)
 
 #----------------------------------------------------------------------------
@@ -335,7 +305,7 @@ def add_embedding(emb, term):
 
 @persistence.persistent_class
 class SongUNet(torch.nn.Module):
-    fast_paths = False # Take the fast form of the blocks (see set_fast_paths).
+    fast_paths = False # Take the fast form of the blocks (see fast_layers.set_fast_paths).
 
     def __init__(self,
         img_resolution,                 # Image resolution.
@@ -434,7 +404,9 @@ class SongUNet(torch.nn.Module):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape) # sin half first, then cos.
         if self.map_label is not None:
-            tmp = _class_embedding_input(class_labels, self.label_dropout, self.training, noise_labels.shape[0])
+            tmp = class_labels
+            if self.training and self.label_dropout:
+                tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
             emb = add_embedding(emb, self.map_label(tmp * np.sqrt(self.map_label.in_features)))
         if self.map_augment is not None and augment_labels is not None:
             emb = add_embedding(emb, self.map_augment(augment_labels))
@@ -446,11 +418,11 @@ class SongUNet(torch.nn.Module):
         skips = []
         aux = x
         for name, block in self.enc.items():
-            if name.endswith('_aux_down'):
+            if 'aux_down' in name:
                 aux = block(aux)
-            elif name.endswith('_aux_skip'):
+            elif 'aux_skip' in name:
                 x = skips[-1] = x + block(aux)
-            elif name.endswith('_aux_residual'):
+            elif 'aux_residual' in name:
                 x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
@@ -460,11 +432,11 @@ class SongUNet(torch.nn.Module):
         aux = None
         tmp = None
         for name, block in self.dec.items():
-            if name.endswith('_aux_up'):
+            if 'aux_up' in name:
                 aux = block(aux)
-            elif name.endswith('_aux_norm'):
+            elif 'aux_norm' in name:
                 tmp = block(x)
-            elif name.endswith('_aux_conv'):
+            elif 'aux_conv' in name:
                 tmp = block(silu(tmp))
                 aux = tmp if aux is None else tmp + aux
             else:
@@ -479,7 +451,7 @@ class SongUNet(torch.nn.Module):
 
 @persistence.persistent_class
 class DhariwalUNet(torch.nn.Module):
-    fast_paths = False # Take the fast form of the blocks (see set_fast_paths).
+    fast_paths = False # Take the fast form of the blocks (see fast_layers.set_fast_paths).
 
     def __init__(self,
         img_resolution,                 # Image resolution.
@@ -551,7 +523,9 @@ class DhariwalUNet(torch.nn.Module):
         emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            tmp = _class_embedding_input(class_labels, self.label_dropout, self.training, noise_labels.shape[0])
+            tmp = class_labels
+            if self.training and self.label_dropout:
+                tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
             emb = add_embedding(emb, self.map_label(tmp))
         emb = silu(emb)
         if self.fast_paths: return _fast_layers().unet_blocks(self, x, emb)

@@ -23,7 +23,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from training import network_io
-from training.networks import set_fast_paths
+from training.fast_layers import set_fast_paths
 
 SNAPSHOT_RE = re.compile(r'phema-(\d+)-(\d+\.\d+)\.pkl')
 EDM2_SNAPSHOT_RE = re.compile(r'network-snapshot-(\d{7})-(\d+\.\d+)\.pkl') # the EDM2 release's runs: kimg, sigma_rel in the name

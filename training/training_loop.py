@@ -29,7 +29,7 @@ from torch_utils import training_stats
 from training import safetensors_io, training_state
 from training.image_io import images_to_uint8, save_image_grid
 from training.loss_scale import DynamicLossScale
-from training.networks import set_fast_paths
+from training.fast_layers import set_fast_paths
 from training.phema import PowerFunctionEMA
 from training.generation_edm2 import default_encoder, edm2_images, is_edm2_network
 from training.sampling import edm_sampler, StackedRandomGenerator
