@@ -60,7 +60,7 @@ def _augment_cases():
 def reference():
     return dict(np.load(fixture_file('augment.npz')))
 
-def test_matches_reference_outputs(reference):
+def test_augmentations_match_the_reference_outputs(reference):
     for case in _augment_cases():
         pipe = AugmentPipe(**json.loads(str(reference[f'{case}/kwargs'])))
         torch.manual_seed(int(reference[f'{case}/seed']))
@@ -143,7 +143,7 @@ def test_flip_label_means_mirrored(device, name, dim):
     assert torch.equal(out[w == 0], images[w == 0])
 
 
-def test_probabilities_follow_multipliers():
+def test_augmentation_probabilities_follow_the_multipliers():
     torch.manual_seed(3)
     N = 4000
     pipe = AugmentPipe(p=0.3, xflip=1e8, yflip=1, rotate_int=1, scale=1, brightness=2)

@@ -57,7 +57,7 @@ def test_zip_and_folder_load_identically(converted):
             dataset.close()
 
 @pytest.mark.parametrize('mode', ['P', 'P+transparency', 'L', 'LA', 'RGBA'])
-def test_png_decoders_agree(tmp_path, mode):
+def test_pyspng_and_pillow_decode_every_png_alike(tmp_path, mode):
     # pyspng (when installed) and Pillow give the same arrays for every kind of 8-bit PNG.
     rng = np.random.default_rng(5)
     folder = tmp_path / 'src'
@@ -74,7 +74,7 @@ def test_png_decoders_agree(tmp_path, mode):
     for (a, _), (b, _) in zip(items(fast), items(plain)):
         np.testing.assert_array_equal(a, b)
 
-def test_without_labels(converted):
+def test_a_dataset_without_labels_has_label_dim_zero(converted):
     dataset = ImageFolderDataset(converted['zip'], resolution=8)
     assert dataset.label_shape == [0] and dataset.label_dim == 0
     assert not dataset.has_labels and not dataset.has_onehot_labels
@@ -146,7 +146,7 @@ def test_cache_keeps_decoded_images(tmp_path):
 
 #----------------------------------------------------------------------------
 
-def test_clear_errors(tmp_path, converted):
+def test_bad_datasets_raise_errors_naming_the_file(tmp_path, converted):
     with pytest.raises(ValueError, match='not found'):
         ImageFolderDataset(str(tmp_path / 'absent.zip'))
     (tmp_path / 'empty').mkdir()

@@ -96,7 +96,7 @@ def leftovers(folder):
 #----------------------------------------------------------------------------
 # Sources.
 
-def test_cifar10(tmp_path):
+def test_cifar10_archive_converts_with_its_labels(tmp_path):
     source = tmp_path / 'cifar-10-python.tar.gz'
     images, labels = write_cifar10(source, [3, 1, 2, 4, 2], np.random.default_rng(0))
     run_tool('--source', source, '--dest', tmp_path / 'cifar.zip')
@@ -173,7 +173,7 @@ def test_folder_with_partial_dataset_json_is_an_error(tmp_path):
     assert f'Error: {tmp_path / "src" / "dataset.json"} has no label for b.png (1 of 2 images lack one)' in res.stderr
     assert not os.path.exists(tmp_path / 'out.zip')
 
-def test_lsun_lmdb(tmp_path):
+def test_lsun_lmdb_converts_rgb_and_gray_images(tmp_path):
     import lmdb # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(5)
     rgb, gray = random_image(rng, 8, 8), random_image(rng, 8, 8, channels=1)
@@ -239,7 +239,7 @@ def expected_transform(img, transform, width, height):
 
 @pytest.mark.parametrize('channels', [3, 1])
 @pytest.mark.parametrize('transform,resolution', [(None, (16, 16)), ('center-crop', (16, 16)), ('center-crop-wide', (16, 8))])
-def test_transforms_match_pil(tmp_path, channels, transform, resolution):
+def test_crop_and_resize_transforms_match_pillow(tmp_path, channels, transform, resolution):
     rng = np.random.default_rng(6)
     sizes = [(45, 30), (23, 37), (6, 6), (40, 17)] # odd sizes, a tall one, a tiny one, a wide one
     sources = [random_image(rng, w, h, channels) for w, h in sizes]
@@ -363,7 +363,7 @@ def test_failure_midway_leaves_no_folder(tmp_path, kind):
     assert_clean_failure(res, fragment, tmp_path, tmp_path / 'out' / '00000')
     assert os.listdir(tmp_path / 'out') == []
 
-def test_destination_checks(tmp_path):
+def test_a_nonempty_or_bad_destination_is_refused(tmp_path):
     source = make_folder(tmp_path, {'a.png': random_image(np.random.default_rng(8), 8, 8)})
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'keep.txt').write_text('mine')

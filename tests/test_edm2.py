@@ -103,7 +103,7 @@ def test_training_forward_and_loss_gradients(expected, name):
         assert_digest(p.detach().numpy(), expected[f'{name}/param_after_digest/{key}'], 1e-6, f'{key} after the forward')
         assert_digest(p.grad.numpy(), grads[key], 1e-5, f'gradient of {key}', scale_floor=rms)
 
-def test_learning_rate_schedule(expected):
+def test_learning_rate_schedule_is_the_releases(expected):
     for batch in [256, 2048]:
         lrs = [loss_edm2.learning_rate_schedule(int(nimg), batch) for nimg in expected['lr/nimg']]
         np.testing.assert_allclose(lrs, expected[f'lr/batch{batch}'], rtol=1e-12, atol=0)
@@ -120,7 +120,7 @@ def test_posthoc_coefficients_are_the_releases(expected, case):
     np.testing.assert_allclose(coefs, expected[f'phema/{case}/coefs'], rtol=0, atol=1e-6)
     np.testing.assert_allclose(coefs.sum(axis=0), 1, rtol=0, atol=1e-12)
 
-def test_std_to_exp(expected):
+def test_sigma_rel_to_gamma_is_the_releases(expected):
     for key in [k for k in expected if k.startswith('phema/std_to_exp/')]:
         assert phema.sigma_rel_to_gamma(float(key.rsplit('/', 1)[1])) == pytest.approx(float(expected[key]), rel=1e-12)
 

@@ -246,7 +246,7 @@ def test_error_reference_without_mu_and_sigma(setup, tmp_path):
     line = error_line(calc(setup, setup['image_dir'], tmp_path / 'bad.npz', '--num', 2, check=False))
     assert 'bad.npz' in line and 'mu and sigma' in line
 
-def test_error_damaged_reference(setup, tmp_path):
+def test_a_damaged_reference_is_named_in_the_error(setup, tmp_path):
     with open(setup['ref_npz'], 'rb') as f:
         (tmp_path / 'cut.npz').write_bytes(f.read()[:300]) # a download cut short
     line = error_line(calc(setup, setup['image_dir'], tmp_path / 'cut.npz', '--num', 2, check=False))

@@ -261,7 +261,7 @@ ERRORS = {
 }
 
 @pytest.mark.parametrize('case', sorted(ERRORS))
-def test_clear_error(pkls, tmp_path, case):
+def test_bad_input_gives_one_error_line(pkls, tmp_path, case):
     make_args, expected = ERRORS[case]
     res = invoke(*make_args(pkls, tmp_path), '--device=cpu')
     assert res.exit_code != 0

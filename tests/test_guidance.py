@@ -150,7 +150,7 @@ def test_sampler_rejects_unusable_guidance(sampler):
 #----------------------------------------------------------------------------
 # Option checks of the command lines.
 
-def test_parse_guidance_interval():
+def test_guidance_interval_is_parsed_or_refused():
     assert parse_guidance_interval('0.28,5.42') == (0.28, 5.42)
     assert parse_guidance_interval('0,inf') == (0, float('inf'))
     assert parse_guidance_interval(None) is None
@@ -168,7 +168,7 @@ def _tiny_net(label_dim=0, img_channels=3, img_resolution=8, label_dropout=0, se
             p.add_(torch.randn_like(p) * 0.05)
     return net.eval().requires_grad_(False)
 
-def test_check_guidance():
+def test_guidance_needs_a_compatible_guide():
     cond, cfg = _tiny_net(label_dim=4), _tiny_net(label_dim=4, label_dropout=0.1)
     check_guidance(cfg, None, 2)
     check_guidance(cond, _tiny_net(label_dim=4, seed=1), 2)

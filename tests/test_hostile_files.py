@@ -155,7 +155,7 @@ def test_crafted_states_and_nesting_fail_in_one_line(tmp_path):
 #----------------------------------------------------------------------------
 # Bounded.
 
-def test_huge_declared_sizes(tmp_path):
+def test_huge_declared_sizes_are_refused_before_reading(tmp_path):
     from training.training_loop import load_state_dump
     cases = dict(
         bytes8=b'\x80\x04\x8e' + struct.pack('<Q', 1 << 60) + b'x' * 16,                     # BINBYTES8 of 2^60 bytes
@@ -314,7 +314,7 @@ class _Trickle(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-def test_trickling_server_fails(tmp_path, monkeypatch):
+def test_a_trickling_server_fails_the_download(tmp_path, monkeypatch):
     from dnnlib import util
     monkeypatch.setattr(util, 'RATE_WINDOW', 1) # seconds over which min_rate is measured (20 by default)
     server, url = _serve(_Trickle)

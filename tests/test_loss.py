@@ -154,7 +154,7 @@ def test_vp_public_sigma_matches_closed_form():
 # Pickles: the losses travel inside network pickles.
 
 @pytest.mark.parametrize('name, kwargs', [('VPLoss', dict(beta_d=10.0)), ('VELoss', dict(sigma_max=50)), ('EDMLoss', dict(P_mean=-1.0, sigma_data=0.25))])
-def test_pickle_round_trip(name, kwargs):
+def test_losses_survive_a_pickle_round_trip(name, kwargs):
     loss_fn = getattr(loss_module, name)(**kwargs)
     loaded = pickle.loads(pickle.dumps(loss_fn))
     assert loaded.init_kwargs == kwargs

@@ -54,7 +54,7 @@ def test_constant_is_cached_per_value_and_device():
     assert misc.constant(1.5, shape=[2, 2]).shape == (2, 2)
 
 
-def test_choose_device():
+def test_device_choice_defaults_to_cuda_when_available():
     assert misc.choose_device('cpu').type == 'cpu'
     assert misc.choose_device(None).type == ('cuda' if torch.cuda.is_available() else 'cpu')
     if not torch.cuda.is_available():

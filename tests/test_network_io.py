@@ -10,7 +10,7 @@ from conftest import make_tiny_net, run_script, write_network_pkl
 from training.network_io import load_network_pkl, rebuild_network
 
 
-def test_clear_errors(tmp_path):
+def test_bad_network_files_raise_errors_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match='not found'):
         load_network_pkl(str(tmp_path / 'absent.pkl'))
     (tmp_path / 'junk.pkl').write_bytes(b'this is not a pickle')

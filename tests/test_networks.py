@@ -101,7 +101,7 @@ def test_fixture_recipe_gives_the_reference_parameters(name):
         np.testing.assert_allclose(digest(p.detach().numpy()), d[f'param_digest/{name}'], rtol=1e-6, atol=0, err_msg=name)
 
 @pytest.mark.parametrize('name', NET_FIXTURES)
-def test_fixture_outputs(name):
+def test_network_outputs_match_the_reference(name):
     d = load_fixture(name)
     net, _ = build_net(d)
     x, sigma, labels, kwargs = net_inputs(d)
@@ -113,7 +113,7 @@ def test_fixture_outputs(name):
     assert rel_err(out_without_labels, d['out_without_labels']) < OUT_TOL
 
 @pytest.mark.parametrize('name', NET_FIXTURES)
-def test_fixture_gradients(name):
+def test_network_gradients_match_the_reference(name):
     d = load_fixture(name)
     net, _ = build_net(d)
     grad_x, grads = fixture_gradients(net, d)
@@ -124,7 +124,7 @@ def test_fixture_gradients(name):
     worst = max(errors, key=errors.get)
     assert errors[worst] < GRAD_TOL, f'{worst}: {errors[worst]:.3g}'
 
-def test_iddpm_round_sigma():
+def test_iddpm_round_sigma_matches_the_reference():
     d = load_fixture('net-iddpm-adm-cond')
     net, _ = build_net(d)
     sigma = torch.from_numpy(d['round_sigma_in'])
@@ -281,7 +281,7 @@ def test_label_dropout_draws_per_image():
     distinct = torch.unique(out.reshape(16, -1), dim=0)
     assert len(distinct) == 2 # the images with and without the label
 
-def test_attention_ignores_autocast():
+def test_attention_runs_in_float32_under_autocast():
     q, k, _ = attention_inputs(torch.float32, scale=3.0)
     qkv = torch.randn([2, 3 * 32, 4, 5], generator=torch.Generator().manual_seed(4)) * 3
     expected = attention_closed_form_heads(qkv, num_heads=1)

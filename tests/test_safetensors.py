@@ -50,7 +50,7 @@ def _write(path, net, **metadata):
     (dict(init_kwargs='[' * 100000), ['exceed']),
     (dict(format='other'), ['construction arguments']),
 ])
-def test_header_is_checked(tmp_path, metadata, words):
+def test_a_bad_safetensors_header_is_refused(tmp_path, metadata, words):
     from training.network_io import load_network_pkl
     path = _write(tmp_path / 'net.safetensors', make_tiny_net(), **metadata)
     with pytest.raises(ValueError) as info:

@@ -86,7 +86,7 @@ def _run_case(gauss, case, samplers=SAMPLERS):
 #----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('case', _cases())
-def test_sampler_reproduces_reference(gauss, case):
+def test_samplers_reproduce_the_reference(gauss, case):
     images, latents = _run_case(gauss, case)
     np.testing.assert_array_equal(latents, gauss[f'{case}/latents'])
     err = np.abs(images - gauss[f'{case}/images']).max()
@@ -99,7 +99,7 @@ def test_pasted_sampler_reproduces_reference(gauss, case):
     assert np.abs(images - gauss[f'{case}/images']).max() <= _tolerance(gauss, case)
     np.testing.assert_array_equal(images, _run_case(gauss, case)[0])
 
-def test_pasted_samplers_guide():
+def test_pasted_samplers_guide_as_ours():
     # Autoguidance, with and without an interval, and classifier-free guidance (labels and zeros in one batch).
     pasted = _pasted_samplers()
     net, latents, _ = _gauss_net_and_latents()
@@ -179,7 +179,7 @@ def test_ablation_with_edm_choices_is_algorithm_2():
 
 @pytest.mark.parametrize('sampler', ['edm', 'ablation'])
 @pytest.mark.parametrize('S_churn', [0, 30])
-def test_churn_noise_draws(sampler, S_churn):
+def test_churn_draws_noise_at_every_step(sampler, S_churn):
     # With churn, randn_like is called once per step, also outside [S_min, S_max], so the per-seed noise stream
     # stays aligned. Without, edm_sampler draws nothing; ablation_sampler still draws (see its comment).
     net, latents, rnd = _gauss_net_and_latents()

@@ -70,7 +70,7 @@ def test_solver_reproduces_published_outputs(gmm, solver):
     print(f'{solver}: {len(cases)} cases, max |ours - published| = {max(errors):.3g}')
     assert max(errors) <= 1e-9
 
-def test_schedules_match_published(gmm):
+def test_schedules_match_the_published_code(gmm):
     cases = [case for case in gmm['cases'] if case['kind'] == 'schedule']
     assert {case['schedule_type'] for case in cases} == {'polynomial', 'logsnr', 'time_uniform'}
     for case in cases:
@@ -97,7 +97,7 @@ def test_error_against_ode_solution_falls_as_steps_double(gmm, solver):
     assert errors[2] < errors[1] < errors[0]
 
 @pytest.mark.parametrize('solver', ['edm', *SOLVERS])
-def test_evaluation_count(gmm, solver):
+def test_solvers_make_the_stated_number_of_evaluations(gmm, solver):
     latents = torch.as_tensor(gmm['latents'])
     orders = ORDERS.get(solver, [None])
     for num_steps in (2, 3, 4, 7):

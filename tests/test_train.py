@@ -258,7 +258,7 @@ def test_resume_from_a_reference_layout_state(baseline, data, tmp_path):
 #----------------------------------------------------------------------------
 # Multi-process training.
 
-def test_torchrun_two_processes(data, tmp_path):
+def test_two_processes_under_torchrun_train_one_network(data, tmp_path):
     # NCSN++ has a random buffer (Fourier frequencies): every rank must train the same network.
     res = run_torchrun(train_args(tmp_path, data['uncond'], '--arch=ncsnpp', '--duration=0.001', '--batch-gpu=8', '--seed=1',
                                   '--workers=0', '--snap=1'))

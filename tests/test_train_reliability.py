@@ -154,7 +154,7 @@ def test_torchrun_rank_killed_ends_the_run(data, tmp_path):
     assert proc.returncode != 0 and time.time() - start < 90, output
     assert any('rank 0' in line for line in error_lines(output)), output
 
-def test_collective_timeout_option(monkeypatch):
+def test_collective_timeout_is_read_from_the_environment(monkeypatch):
     from torch_utils import distributed as dist # pylint: disable=import-outside-toplevel
     monkeypatch.delenv(dist.TIMEOUT_ENV, raising=False)
     assert dist.collective_timeout() == dist.DEFAULT_TIMEOUT

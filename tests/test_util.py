@@ -8,7 +8,7 @@ import dnnlib
 from dnnlib import util
 
 
-def test_parse_int_list():
+def test_int_lists_are_parsed_or_refused():
     assert util.parse_int_list('0-3,7,10-11') == [0, 1, 2, 3, 7, 10, 11]
     assert util.parse_int_list('5') == [5]
     for bad in ['', '5-2', 'a', '1-b', ',']:
@@ -16,14 +16,14 @@ def test_parse_int_list():
             util.parse_int_list(bad)
 
 
-def test_format_time():
+def test_durations_are_formatted_as_the_reference():
     assert util.format_time(5) == '5s'
     assert util.format_time(3 * 60 + 4) == '3m 04s'
     assert util.format_time(2 * 3600 + 3 * 60 + 4) == '2h 03m 04s'
     assert util.format_time(86400 + 2 * 3600 + 3 * 60 + 4) == '1d 02h 03m'
 
 
-def test_easydict():
+def test_easydict_reads_keys_as_attributes():
     d = dnnlib.EasyDict(a=1)
     d.b = 2
     assert d['b'] == 2 and d.a == 1

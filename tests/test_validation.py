@@ -188,7 +188,7 @@ def test_guidance_options_without_guidance_are_an_error(net_pkl, tmp_path, optio
     assert res.exit_code == 1 and error_line(res) == f'Error: {option} has no effect without --guidance (a weight other than 1)'
     assert not os.path.exists(tmp_path / 'out')
 
-def test_grid_scale_bounded(net_pkl, tmp_path):
+def test_grid_scale_below_one_is_refused(net_pkl, tmp_path):
     res = invoke(generate.main, f'--network={net_pkl}', f'--outdir={tmp_path}', '--grid-scale=0', '--grid=g.png')
     assert res.exit_code == 2 and '--grid-scale' in res.stderr
 
@@ -312,7 +312,7 @@ def test_fifo_and_device_files_are_refused_by_name(tmp_path):
     assert f'{src}/b.png is a character device, not a regular file' in res.stdout
     assert not os.path.exists(tmp_path / 'out.zip')
 
-def test_resolution_bounded(tmp_path):
+def test_a_huge_resolution_is_refused(tmp_path):
     src = write_pngs(tmp_path / 'src', ['a.png'])
     line = error_line(invoke(dataset_tool.main, '--source', src, '--dest', tmp_path / 'out.zip', '--resolution=20000x20000'))
     assert '--resolution 20000x20000 is too large: at most 16384' in line
