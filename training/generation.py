@@ -15,7 +15,7 @@ from torch_utils import distributed as dist
 from training.image_io import images_to_uint8, save_image
 from training.network_io import rebuild_network
 from training.fast_layers import set_fast_paths
-from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator
+from training.sampling import edm_sampler, ablation_sampler, StackedRandomGenerator, latents_and_labels
 from training import solvers
 
 SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler, **solvers.SOLVERS} # by the names of sample_batches
@@ -174,15 +174,8 @@ def _sample_rank_batches(net, rank_batches, padded_size, device, class_idx, samp
         if run_size_out is not None:
             run_size_out[0] = run_size
 
-        # Pick latents and labels; labels are drawn after the latents, also when --class overrides them.
         rnd = StackedRandomGenerator(device, run_seeds)
-        latents = rnd.randn([run_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        class_labels = None
-        if net.label_dim:
-            class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[run_size], device=device)]
-        if class_idx is not None:
-            class_labels[:, :] = 0
-            class_labels[:, class_idx] = 1
+        latents, class_labels = latents_and_labels(net, rnd, device, class_idx)
 
         images = sampler_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
         yield batch_seeds, images_to_uint8(images[:batch_size])

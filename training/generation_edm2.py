@@ -14,7 +14,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from training.image_io import save_image
-from training.sampling import StackedRandomGenerator
+from training.sampling import StackedRandomGenerator, latents_and_labels
 from training import solvers
 
 EDM2_SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7)
@@ -95,13 +95,7 @@ def edm2_images(net, encoder, seeds, device, class_idx=None, gnet=None, sampler=
     """uint8 [N, C, H, W] pixels of one batch of seeds: noise, then labels, from one generator per seed; sampled by
     edm2_sampler (sampler 'edm') or by a solver of training/solvers.py."""
     rnd = StackedRandomGenerator(device, list(seeds))
-    noise = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    labels = None
-    if net.label_dim > 0:
-        labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)], device=device)]
-        if class_idx is not None:
-            labels[:, :] = 0
-            labels[:, class_idx] = 1
+    noise, labels = latents_and_labels(net, rnd, device, class_idx)
     with torch.no_grad():
         if sampler == 'edm':
             latents = edm2_sampler(net, noise, labels, gnet=gnet, randn_like=rnd.randn_like, **edm2_sampler_kwargs(net, **sampler_kwargs))

@@ -180,4 +180,17 @@ class StackedRandomGenerator:
         kwargs.setdefault('device', self.device)
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
 
+def latents_and_labels(net, rnd, device, class_idx=None):
+    """(latents, class_labels) for the seeds of `rnd`, as generate.py draws them: the initial noise [N, C, H, W],
+    then one-hot labels [N, label_dim] (None for an unconditional network); class_idx overrides the drawn labels."""
+    batch_size = len(rnd.generators)
+    latents = rnd.randn([batch_size, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    class_labels = None
+    if net.label_dim:
+        class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[batch_size], device=device)]
+    if class_idx is not None:
+        class_labels[:, :] = 0
+        class_labels[:, class_idx] = 1
+    return latents, class_labels
+
 #----------------------------------------------------------------------------

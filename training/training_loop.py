@@ -32,7 +32,7 @@ from training.loss_scale import DynamicLossScale
 from training.fast_layers import set_fast_paths
 from training.phema import PowerFunctionEMA
 from training.generation_edm2 import default_encoder, edm2_images, is_edm2_network
-from training.sampling import edm_sampler, StackedRandomGenerator
+from training.sampling import edm_sampler, StackedRandomGenerator, latents_and_labels
 from training.stop_request import StopRequest, agree_to_stop
 from training.training_state import load_state_dump # pylint: disable=unused-import # also importable from here
 
@@ -371,10 +371,7 @@ def sample_grid_images(net, num_images, device, num_steps=SAMPLE_STEPS, encoder=
         images = edm2_images(net, encoder or default_encoder(None), list(range(num_images)), device, num_steps=num_steps)
         return images.permute(0, 2, 3, 1).cpu().numpy()
     rnd = StackedRandomGenerator(device, list(range(num_images)))
-    latents = rnd.randn([num_images, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    class_labels = None
-    if net.label_dim:
-        class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[num_images], device=device)]
+    latents, class_labels = latents_and_labels(net, rnd, device)
     with torch.no_grad():
         images = edm_sampler(net, latents, class_labels, randn_like=rnd.randn_like, num_steps=num_steps)
     return images_to_uint8(images)
