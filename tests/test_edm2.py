@@ -313,4 +313,13 @@ def test_edm2_run_resumes_bit_for_bit(tmp_path):
     with open(os.path.join(full, 'log.txt')) as f:
         assert 'tick 2' in f.read() # progress lines as for EDM runs
 
+    # A run stopped between its last state dump and its last snapshot: resuming writes that snapshot, encoder included.
+    os.remove(os.path.join(full, 'network-snapshot-000002.pkl'))
+    res = run_script(args + [f'--outdir={tmp_path / "full"}', '--duration=0.002', f'--resume={full}'])
+    assert 'Wrote the missing final snapshot' in res.stdout
+    again = network_io.load_network_data(os.path.join(full, 'network-snapshot-000002.pkl'), verbose=False)
+    assert type(again['encoder']) is encoders.StandardRGBEncoder
+    for (na, ta), (nb, tb) in zip(snapshot['ema'].state_dict().items(), again['ema'].state_dict().items()):
+        assert na == nb and torch.equal(ta, tb), na
+
 #----------------------------------------------------------------------------

@@ -132,14 +132,16 @@ def _snapshot_data(ema, loss_fn, augment_pipe, dataset_kwargs, check_consistency
 def _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg, kwargs):
     """Resuming a state that already reaches total_kimg trains nothing; a run stopped between its last state dump and
     its last snapshot gets that snapshot, from the state's EMA (the network it would have held). `kwargs` holds
-    loss_kwargs, augment_kwargs and dataset_kwargs."""
+    loss_kwargs, augment_kwargs, dataset_kwargs and encoder_kwargs."""
     label = os.path.basename(resume_state_dump)[len('training-state-'):-len('.pt')]
     snapshot_path = training_state.snapshot_path(run_dir, label) if run_dir is not None else None
     if snapshot_path is not None and not os.path.isfile(snapshot_path) and state.get('ema') is not None:
         loss_fn = dnnlib.util.construct_class_by_name(**kwargs['loss_kwargs'])
         augment_kwargs = kwargs['augment_kwargs']
         augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-        training_state.write_file(snapshot_path, pickle.dump, _snapshot_data(state['ema'], loss_fn, augment_pipe, kwargs['dataset_kwargs']))
+        encoder_kwargs = kwargs.get('encoder_kwargs')
+        encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs) if encoder_kwargs else None
+        training_state.write_file(snapshot_path, pickle.dump, _snapshot_data(state['ema'], loss_fn, augment_pipe, kwargs['dataset_kwargs'], encoder=encoder))
         dist.print0(f'Wrote the missing final snapshot {snapshot_path}')
     dist.print0(f'Training is already complete: {resume_state_dump} is at {cur_nimg / 1000:g} kimg of {total_kimg} kimg (--duration); nothing to train.')
 
@@ -460,7 +462,7 @@ def training_loop(
     if state is not None and cur_nimg >= total_kimg * 1000:
         if rank == 0:
             _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg,
-                                 dict(loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs))
+                                 dict(loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs, encoder_kwargs=encoder_kwargs))
         return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=False)
     data = _open_data(dataset_kwargs, data_loader_kwargs, state, sampler_seed, cur_nimg, batch_gpu, device)
     net = _build_network(network_kwargs, data.dataset, device, fast, compile, batch_gpu, num_accumulation_rounds)
