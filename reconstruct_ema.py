@@ -13,17 +13,17 @@ from training import phema, safetensors_io
 
 #----------------------------------------------------------------------------
 
-def dest_paths(dest, stds, kimg):
+def dest_paths(dest, stds, label):
     """Output pickle of each std: `dest` itself (one std, ending in .pkl), `dest` with {std} and {kimg}
     filled in, or reconstructed-NNNNNN-S.SSS.pkl in the folder `dest`."""
     if '{std}' in dest or '{kimg}' in dest:
-        paths = [dest.replace('{std}', f'{std:.3f}').replace('{kimg}', f'{kimg:06d}') for std in stds]
+        paths = [dest.replace('{std}', f'{std:.3f}').replace('{kimg}', label) for std in stds]
     elif dest.endswith(('.pkl', '.safetensors')):
         if len(stds) > 1:
             raise ValueError(f'--dest={dest} names one file; for several --std values give a folder or a pattern with {{std}}')
         paths = [dest]
     else:
-        paths = [os.path.join(dest, f'reconstructed-{kimg:06d}-{std:.3f}.pkl') for std in stds]
+        paths = [os.path.join(dest, f'reconstructed-{label}-{std:.3f}.pkl') for std in stds]
     if len(set(paths)) != len(paths):
         raise ValueError(f'--dest={dest} gives the same file for several --std values; include {{std}}')
     return paths
@@ -33,7 +33,7 @@ def dest_paths(dest, stds, kimg):
 @click.command()
 @click.option('--run', 'run_dir', help='Training run directory with phema-*.pkl', metavar='DIR',        type=str, required=True)
 @click.option('--std',            help='Relative standard deviation(s), e.g. 0.03,0.05,0.1', metavar='LIST', type=str, required=True)
-@click.option('--at', 'at_kimg',  help='Training time of the phema snapshots to use  [default: last]', metavar='KIMG', type=click.IntRange(min=0))
+@click.option('--at', 'at_kimg',  help='Training time of the phema snapshots to use  [default: last]', metavar='KIMG', type=click.FloatRange(min=0))
 @click.option('--dest',           help='Output pickle (or .safetensors), folder, or pattern with {std} and {kimg}', metavar='PKL|DIR', type=str, required=True)
 
 def main(run_dir, std, at_kimg, dest):
@@ -56,9 +56,11 @@ def main(run_dir, std, at_kimg, dest):
     """
     try:
         stds = phema.parse_stds(std, '--std')
-        dest_paths(dest, stds, 0) # a bad --dest fails before the work
+        dest_paths(dest, stds, '000000') # a bad --dest fails before the work
+        at_kimg = at_kimg if at_kimg is None or not at_kimg.is_integer() else int(at_kimg)
         time_r, results = phema.reconstruct(run_dir, stds, at_kimg=at_kimg)
-        paths = dest_paths(dest, stds, time_r // 1000)
+        at_kimg = max(kimg for kimg, _path in phema.list_snapshots(run_dir)) if at_kimg is None else at_kimg
+        paths = dest_paths(dest, stds, phema.file_label(at_kimg))
     except (ValueError, IOError) as err:
         raise click.ClickException(str(err)) from None
     for (sigma_rel, data, residual), path in zip(results, paths):

@@ -238,6 +238,19 @@ def test_reconstruct_ema_writes_a_pickle_generate_samples(phema_run, tmp_path):
     run_script(['generate.py', f'--network={tmp_path}/ema-0.150.pkl', f'--outdir={tmp_path}/images', '--seeds=0-1', '--steps=4', '--device=cpu'])
     assert len(glob.glob(str(tmp_path / 'images' / '*.png'))) == 2
 
+def test_fractional_ticks_give_each_phema_save_its_own_name(phema_run, tmp_path):
+    # --tick=0.25 with batch 32: five ticks in 1024 images, each with a snapshot and phema saves named like the
+    # snapshot (NNNNNN.NNN), none overwriting another; reconstruct_ema.py takes such a time for --at.
+    run_dir = _train(tmp_path / 'runs', phema_run['data'], '--duration=0.001', '--tick=0.25', '--snap=1', '--dump=100')
+    snapshots = sorted(name[len('network-snapshot-'):-len('.pkl')] for name in os.listdir(run_dir) if name.startswith('network-snapshot-'))
+    assert len(snapshots) == 5 and snapshots[0].startswith('000000.') and snapshots[-1] == '000001.024', snapshots
+    names = sorted(name for name in os.listdir(run_dir) if name.startswith('phema-'))
+    assert names == [f'phema-{label}-{s:.3f}.pkl' for label in snapshots for s in STDS]
+    nimg = int(snapshots[1].replace('.', ''))
+    assert _load(os.path.join(run_dir, f'phema-{snapshots[1]}-0.050.pkl'))['phema']['nimg'] == nimg
+    res = run_script(['reconstruct_ema.py', f'--run={run_dir}', '--std=0.07', f'--at={nimg / 1000}', f'--dest={tmp_path / "sweep"}'])
+    assert f'at {nimg} images' in res.stdout and os.listdir(tmp_path / 'sweep') == [f'reconstructed-{snapshots[1]}-0.070.pkl']
+
 @pytest.mark.parametrize('args, message', [
     (['--std=0.5', '--dest=x.pkl'], 'outside (0, 0.2887)'),
     (['--std=0.05,0.1', '--dest=x.pkl'], 'names one file'),

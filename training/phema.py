@@ -4,8 +4,8 @@ al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
 Models", Section 3 and Appendix C).
 
 Run directory layout: for each tracked relative standard deviation S (three
-decimals) and each save, `phema-NNNNNN-S.pkl` (NNNNNN = kimg, as in
-network-snapshot-NNNNNN.pkl) holds a network pickle,
+decimals) and each save, `phema-NNNNNN-S.pkl` (NNNNNN = kimg, or NNNNNN.NNN
+with fractional ticks, as in network-snapshot-NNNNNN.pkl) holds a network pickle,
 dict(ema, loss_fn, augment_pipe, dataset_kwargs, phema), whose `ema` is the
 power-function average and `phema` = dict(std, gamma, nimg) records its
 sigma_rel, its exponent and the number of training images it has seen.
@@ -22,10 +22,10 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import network_io
+from training import network_io, training_state
 from training.fast_layers import set_fast_paths
 
-SNAPSHOT_RE = re.compile(r'phema-(\d+)-(\d+\.\d+)\.pkl')
+SNAPSHOT_RE = re.compile(r'phema-(\d{6,}(?:\.\d{3})?)-(\d+\.\d+)\.pkl') # kimg as the run's other files name it, sigma_rel
 EDM2_SNAPSHOT_RE = re.compile(r'network-snapshot-(\d{7})-(\d+\.\d+)\.pkl') # the EDM2 release's runs: kimg, sigma_rel in the name
 MAX_SIGMA_REL = (1 / 12) ** 0.5 # sigma_rel of gamma = 0 (a plain average); no gamma > 0 is wider
 
@@ -69,8 +69,12 @@ def parse_stds(text, option='--std'):
         raise ValueError(f'{option}={text}: the values must differ in their first three decimals')
     return stds
 
-def snapshot_name(kimg, std):
-    return f'phema-{kimg:06d}-{std:.3f}.pkl'
+def file_label(kimg):
+    """The label of a run's files at `kimg`: NNNNNN for a whole kimg, NNNNNN.NNN otherwise (training_state.kimg_label)."""
+    return training_state.kimg_label(round(kimg * 1000), fractional_ticks=not float(kimg).is_integer())
+
+def snapshot_name(label, std):
+    return f'phema-{label}-{std:.3f}.pkl'
 
 #----------------------------------------------------------------------------
 # Reconstruction by least squares (Appendix C.3).
@@ -154,20 +158,21 @@ class PowerFunctionEMA:
         if self.snapshot_nimg is not None and nimg // self.snapshot_nimg > (nimg - batch_size) // self.snapshot_nimg:
             self.save(nimg)
 
-    def snapshot(self, nimg, done):
-        """The loop saves a network snapshot: save too, or only at the end when saving at an interval of our own."""
+    def snapshot(self, nimg, done, label=None):
+        """The loop saves a network snapshot (named by `label`): save too, or only at the end when saving at an
+        interval of our own."""
         if self.snapshot_nimg is None or (done and self.saved_nimg != nimg):
-            self.save(nimg)
+            self.save(nimg, label)
 
-    def save(self, nimg):
-        """Write phema-NNNNNN-S.SSS.pkl for each sigma_rel, each file atomically."""
+    def save(self, nimg, label=None):
+        """Write phema-LABEL-S.SSS.pkl for each sigma_rel, each file atomically; LABEL is the kimg (NNNNNN) by default."""
         self.saved_nimg = nimg
         if self.run_dir is None:
             return
         rest = {key: _snapshot_copy(value) for key, value in self.snapshot_data.items()}
         for std, gamma, ema in zip(self.stds, self.gammas, self.emas):
             data = dict(ema=_snapshot_copy(ema), **rest, phema=dict(std=std, gamma=gamma, nimg=int(nimg)))
-            with dnnlib.util.atomic_write(os.path.join(self.run_dir, snapshot_name(nimg // 1000, std)), 'wb') as f:
+            with dnnlib.util.atomic_write(os.path.join(self.run_dir, snapshot_name(label or training_state.kimg_label(nimg // 1000 * 1000), std)), 'wb') as f:
                 pickle.dump(data, f)
 
     def state_dict(self):
@@ -193,7 +198,7 @@ def list_snapshots(run_dir):
     """[(kimg, path)] of the phema snapshots in a run directory, in order of kimg."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f'run directory not found: {run_dir}')
-    found = sorted((int(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
+    found = sorted((training_state.label_kimg(m.group(1)), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
                    for m in [SNAPSHOT_RE.fullmatch(name) or EDM2_SNAPSHOT_RE.fullmatch(name)] if m)
     if not found:
         raise ValueError(f'{run_dir} holds no phema-NNNNNN-S.SSS.pkl snapshots (train with --phema), '
@@ -226,7 +231,7 @@ def reconstruct(run_dir, stds, at_kimg=None, verbose=True):
     kimgs = sorted({kimg for kimg, _ in snapshots})
     at_kimg = kimgs[-1] if at_kimg is None else at_kimg
     if at_kimg not in kimgs:
-        raise ValueError(f'--at={at_kimg}: {run_dir} has phema snapshots at kimg {", ".join(map(str, kimgs))}')
+        raise ValueError(f'--at={at_kimg:g}: {run_dir} has phema snapshots at kimg {", ".join(f"{kimg:g}" for kimg in kimgs)}')
     snapshots = [(kimg, path, *_read_profile(path)) for kimg, path in snapshots if kimg <= at_kimg]
     time_r = max(nimg for kimg, _, _, nimg in snapshots if kimg == at_kimg)
     snapshots = [s for s in snapshots if 0 < s[3] <= time_r] # (at time 0 a profile has no width)

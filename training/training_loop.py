@@ -527,7 +527,7 @@ def training_loop(
             if interrupted or ((snapshot_ticks is not None) and (done or p.cur_tick % snapshot_ticks == 0)):
                 _save_snapshot(run_dir, label, step, dataset_kwargs, device, safetensors)
                 if step.phema is not None:
-                    step.phema.snapshot(p.cur_nimg, done)
+                    step.phema.snapshot(p.cur_nimg, done, label)
             if interrupted or ((state_dump_ticks is not None) and (done or p.cur_tick % state_dump_ticks == 0) and p.cur_tick != 0):
                 path = training_state.state_path(run_dir, label) if run_dir is not None else None
                 training_state.save_state(path, step, data, p, tick_done) # a stop within a tick continues it
