@@ -67,8 +67,9 @@ def apply_preset(opts, given):
 def build_edm2_config(c, opts, dataset, device_type):
     """The EDM2 parts of config c (--preset): magnitude-preserving network, EDM2Loss with the learned
     uncertainty, Adam (0.9, 0.99) with the inverse-square-root schedule, power-function EMAs, no augmentation."""
-    if dataset.num_channels not in (1, 3):
-        raise ValueError(f'--preset: {opts.data} has {dataset.num_channels} channels; EDM2 runs here train on pixels (1 or 3 channels)')
+    if dataset.num_channels not in (1, 3, 8):
+        raise ValueError(f'--preset: {opts.data} has {dataset.num_channels} channels; EDM2 runs train on pixels (1 or 3 channels) '
+                         'or on VAE latents (8: the mean and std of 4 channels, as EDM2\'s dataset_tool.py encode writes them)')
     if opts.get('augment_given'):
         raise ValueError('--augment: the EDM2 networks have no augmentation conditioning; leave --augment out with --preset')
     c.network_kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=opts.cbase, dropout=opts.dropout,
@@ -83,7 +84,8 @@ def build_edm2_config(c, opts, dataset, device_type):
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9,0.99], eps=1e-8)
     c.lr_kwargs = dnnlib.EasyDict(func_name='training.loss_edm2.learning_rate_schedule', ref_lr=opts.lr, ref_batches=opts.decay,
                                   rampup_Mimg=opts.lr_rampup / 1000)
-    c.encoder_kwargs = dnnlib.EasyDict(class_name='training.encoders.StandardRGBEncoder')
+    encoder = 'StabilityVAEEncoder' if dataset.num_channels == 8 else 'StandardRGBEncoder' # as the EDM2 release chooses
+    c.encoder_kwargs = dnnlib.EasyDict(class_name=f'training.encoders.{encoder}')
     c.pop('augment_kwargs', None)
 
 #----------------------------------------------------------------------------
@@ -233,8 +235,9 @@ def check_architecture(network_kwargs, dataset, opts):
     if res < 2 ** (levels - 1) or res % 2 ** (levels - 1) != 0:
         raise ValueError(f'{opts.data}: {res}x{res} images cannot be halved {levels - 1} times for the {levels} resolution levels of '
                          f'--cres={",".join(map(str, network_kwargs["channel_mult"]))}; the resolution must be divisible by {2 ** (levels - 1)}')
-    if dataset.num_channels not in (1, 3):
-        raise ValueError(f'{opts.data}: images have {dataset.num_channels} channels; RGB (3) or grayscale (1) images are supported')
+    if dataset.num_channels not in (1, 3) and not (opts.get('preset') is not None and dataset.num_channels == 8):
+        raise ValueError(f'{opts.data}: images have {dataset.num_channels} channels; RGB (3) or grayscale (1) images are supported '
+                         '(and, with --preset, EDM2\'s 8-channel VAE latents)')
     if network_kwargs['model_channels'] < 1 or any(m < 1 for m in network_kwargs['channel_mult']):
         raise ValueError('--cbase and --cres must be positive')
 

@@ -322,4 +322,55 @@ def test_edm2_run_resumes_bit_for_bit(tmp_path):
     for (na, ta), (nb, tb) in zip(snapshot['ema'].state_dict().items(), again['ema'].state_dict().items()):
         assert na == nb and torch.equal(ta, tb), na
 
+def _latent_dataset(path, num=16):
+    """A zip in the layout of EDM2's dataset_tool.py encode: [mean, std] of 4 latent channels per image as .npy, and labels."""
+    rnd = np.random.RandomState(1)
+    labels = []
+    with zipfile.ZipFile(path, 'w') as z:
+        for i in range(num):
+            mean_std = np.concatenate([rnd.randn(4, 8, 8) * 4 + 2, np.abs(rnd.randn(4, 8, 8)) * 0.2]).astype(np.float32)
+            buf = io.BytesIO()
+            np.save(buf, mean_std)
+            name = f'{i:08d}'[:5] + f'/img-mean-std-{i:08d}.npy'
+            z.writestr(name, buf.getvalue())
+            labels.append([name, i % 4])
+        z.writestr('dataset.json', json.dumps({'labels': labels}))
+    return str(path)
+
+def test_edm2_run_trains_on_vae_latents_and_resumes_bit_for_bit(tmp_path):
+    # 8-channel latents (EDM2's ImageNet-512 datasets): StabilityVAEEncoder draws the network's 4-channel data from each
+    # mean and std; without the VAE (diffusers) the run trains and says that it writes no sample grid.
+    data = _latent_dataset(tmp_path / 'latents.zip')
+    args = ['train.py', f'--data={data}', '--cond=1', '--preset=edm2-img512-xs', '--cbase=8', '--cres=1,2', '--batch=16',
+            '--tick=0.5', '--snap=1', '--dump=1', '--lr-rampup=1', '--seed=0', '--workers=0', '--device=cpu']
+    res = run_script(args + [f'--outdir={tmp_path / "full"}', '--duration=0.001'])
+    assert 'No sample grid with this snapshot: StabilityVAEEncoder needs the diffusers package' in res.stdout
+    run_script(args + [f'--outdir={tmp_path / "split"}', '--duration=0.0005'])
+    (first,) = glob.glob(str(tmp_path / 'split' / '0*'))
+    run_script(args + [f'--outdir={tmp_path / "split"}', '--duration=0.001', f'--resume={first}'])
+    (full,) = glob.glob(str(tmp_path / 'full' / '0*'))
+    snapshot = network_io.load_network_data(os.path.join(full, 'network-snapshot-000001.008.pkl'), verbose=False)
+    assert snapshot['ema'].img_channels == 4 and snapshot['ema'].img_resolution == 8
+    assert type(snapshot['encoder']) is encoders.StabilityVAEEncoder
+    a = torch.load(os.path.join(full, 'training-state-000001.008.pt'), map_location='cpu', weights_only=False)
+    b = torch.load(os.path.join(first, 'training-state-000001.008.pt'), map_location='cpu', weights_only=False)
+    for (na, ta), (nb, tb) in zip(a['net'].state_dict().items(), b['net'].state_dict().items()):
+        assert na == nb and torch.equal(ta, tb), na
+
+def test_latent_files_are_checked(tmp_path):
+    from training.dataset import ImageFolderDataset
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'a.npy').write_bytes(b'\x93NUMPY not really')
+    with pytest.raises(ValueError, match='a.npy: not a readable .npy array'):
+        ImageFolderDataset(str(tmp_path / 'bad'))
+    (tmp_path / 'obj').mkdir()
+    np.save(tmp_path / 'obj' / 'a.npy', np.array([{'x': 1}], dtype=object), allow_pickle=True) # would unpickle
+    with pytest.raises(ValueError, match='a.npy: not a readable .npy array'):
+        ImageFolderDataset(str(tmp_path / 'obj'))
+    (tmp_path / 'mixed').mkdir()
+    np.save(tmp_path / 'mixed' / 'a.npy', np.zeros([8, 4, 4], np.float32))
+    PIL.Image.fromarray(np.zeros([4, 4, 3], np.uint8)).save(tmp_path / 'mixed' / 'b.png')
+    with pytest.raises(ValueError, match='both images and .npy latents'):
+        ImageFolderDataset(str(tmp_path / 'mixed'))
+
 #----------------------------------------------------------------------------

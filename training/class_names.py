@@ -22,7 +22,7 @@ NETWORK_CLASSES = (
 OPTION_CLASSES = {
     'network_kwargs':       NETWORK_CLASSES,
     'loss_kwargs':          ('training.loss.VPLoss', 'training.loss.VELoss', 'training.loss.EDMLoss', 'training.loss_edm2.EDM2Loss'),
-    'encoder_kwargs':       ('training.encoders.StandardRGBEncoder',),
+    'encoder_kwargs':       ('training.encoders.StandardRGBEncoder', 'training.encoders.StabilityVAEEncoder'),
     'augment_kwargs':       ('training.augment.AugmentPipe',),
     'dataset_kwargs':       ('training.dataset.ImageFolderDataset',),
     'optimizer_kwargs':     ('torch.optim.Adam',),

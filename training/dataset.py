@@ -145,8 +145,8 @@ class Dataset(torch.utils.data.Dataset):
             image = self._load_raw_image(raw_idx)
             if self._cache:
                 self._cached_images[raw_idx] = image
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-            raise ValueError(f'{self._image_name(raw_idx)}: expected 8-bit pixels')
+        if not isinstance(image, np.ndarray) or image.dtype not in (np.uint8, np.float32): # pixels, or latents
+            raise ValueError(f'{self._image_name(raw_idx)}: expected 8-bit pixels or float32 latents')
         if list(image.shape) != self.image_shape:
             raise ValueError(f'{self._image_name(raw_idx)}: image shape (CHW) is {list(image.shape)}, '
                              f'but the dataset\'s first image is {self.image_shape}; all images must have one shape')
@@ -231,6 +231,20 @@ def _decode_image(data, ext, use_pyspng):
             img = img.convert('L')
         return np.array(img)
 
+def _decode_latents(data, where):
+    """A float32 [C, H, W] array from the bytes of a .npy file of floats, as EDM2's dataset_tool.py encode writes
+    them ([mean, std] of the VAE's latent distribution); never unpickles objects."""
+    try:
+        latents = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f'{where}: not a readable .npy array ({type(err).__name__}: {err})') from None
+    if latents.dtype.kind != 'f' or latents.ndim < 2 or latents.size == 0:
+        raise ValueError(f'{where}: latents must be a non-empty float array of at least 2 dimensions, got {latents.dtype} {list(latents.shape)}')
+    latents = latents.reshape(-1, *latents.shape[-2:]).astype(np.float32)
+    if not np.isfinite(latents).all():
+        raise ValueError(f'{where}: the latents are not all finite')
+    return latents
+
 class ImageFolderDataset(Dataset):
     def __init__(self,
         path,                   # Path to directory or zip.
@@ -258,6 +272,10 @@ class ImageFolderDataset(Dataset):
 
         PIL.Image.init()
         self._image_fnames = sorted(fname for fname in self._all_fnames if _file_ext(fname) in PIL.Image.EXTENSION)
+        latent_fnames = sorted(fname for fname in self._all_fnames if _file_ext(fname) == '.npy') # EDM2's VAE latents
+        if self._image_fnames and latent_fnames:
+            raise ValueError(f'{self._path} holds both images and .npy latents; a dataset holds one kind')
+        self._image_fnames = self._image_fnames or latent_fnames
         if len(self._image_fnames) == 0:
             raise ValueError(f'no image files found in {self._path}')
 
@@ -307,6 +325,8 @@ class ImageFolderDataset(Dataset):
                 data = f.read()
         except (OSError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f'{self._image_name(raw_idx)}: cannot read ({type(err).__name__}: {err})') from None
+        if _file_ext(fname) == '.npy':
+            return _decode_latents(data, self._image_name(raw_idx))
         check_png_pixels(data, self._image_name(raw_idx)) # Pillow's limit, also for pyspng, which has none
         try:
             image = _decode_image(data, _file_ext(fname), self._use_pyspng)

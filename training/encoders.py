@@ -123,11 +123,13 @@ def load_stability_vae(vae_name='stabilityai/sd-vae-ft-mse', device=torch.device
         import diffusers # pylint: disable=import-outside-toplevel
     except ImportError:
         raise ImportError(f'StabilityVAEEncoder needs the diffusers package for the VAE {vae_name} (pip install diffusers)') from None
-    try: # the cache first, so that no network access happens once the weights are there
-        vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir, local_files_only=True)
+    # The cache first, so that no network access happens once the weights are there; safetensors weights only, never
+    # a pickle: vae_name may come from a file (a pickle's encoder, a run's options).
+    try:
+        vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError):
         try:
-            vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir)
+            vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir, use_safetensors=True)
         except (OSError, ValueError) as err:
             raise IOError(f'StabilityVAEEncoder: the VAE weights {vae_name} are neither in {cache_dir} nor downloadable ({type(err).__name__})') from None
     return vae.eval().requires_grad_(False).to(device)

@@ -305,18 +305,30 @@ def _open_data(dataset_kwargs, data_loader_kwargs, state, sampler_seed, cur_nimg
     atexit.register(_close_data_loader, data.iterator) # an error before the loop: stopped at exit, before multiprocessing joins them
     return data
 
-def _batch_source(iterator, device):
-    """next_batch() of TrainingStep: the loader's next images, scaled to [-1, 1], and labels on the device."""
+def _batch_source(iterator, device, encoder=None):
+    """next_batch() of TrainingStep: the loader's next images, scaled to [-1, 1] (or made the network's data by the
+    EDM2 run's `encoder`: scaled pixels, or a draw of VAE latents), and labels on the device."""
     def next_batch():
         images, labels = _next_batch(iterator)
-        images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+        images = images.to(device, non_blocking=True)
+        images = encoder.encode_latents(images) if encoder is not None else images.to(torch.float32) / 127.5 - 1
         return images, labels.to(device, non_blocking=True)
     return next_batch
 
-def _build_network(network_kwargs, dataset_obj, device, fast, compile, batch_gpu, num_accumulation_rounds):
+def _data_channels(dataset_obj, encoder_kwargs):
+    """Channels of the network's data: the dataset's, or those of its images made the data by an EDM2 run's encoder
+    (4 for 8-channel VAE latents: a mean and a std per channel), found on a zero image without touching the random state."""
+    if not encoder_kwargs:
+        return dataset_obj.num_channels
+    encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        return encoder.encode_latents(torch.zeros([1, *dataset_obj.image_shape])).shape[1]
+
+def _build_network(network_kwargs, dataset_obj, device, fast, compile, batch_gpu, num_accumulation_rounds, encoder_kwargs=None):
     """The network to train, in train mode on the device; rank 0 prints its summary."""
     dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
+    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=_data_channels(dataset_obj, encoder_kwargs),
+                            label_dim=dataset_obj.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs) # subclass of torch.nn.Module
     net.train().requires_grad_(True).to(device)
     if fast:
@@ -389,7 +401,11 @@ def _save_snapshot(run_dir, label, step, dataset_kwargs, device, safetensors=Fal
     if safetensors: # the same EMA weights in a format that carries no code: network-snapshot-*.safetensors
         safetensors_io.save_network(data['ema'], training_state.snapshot_path(run_dir, label)[:-len('.pkl')] + '.safetensors')
     grid_size = (8, 8) if device.type == 'cuda' else (4, 4)
-    images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device, encoder=step.encoder)
+    try:
+        images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device, encoder=step.encoder)
+    except ImportError as err: # a latent run where the VAE that decodes the grid is not installed
+        print(f'No sample grid with this snapshot: {err}')
+        return
     save_image_grid(images, training_state.samples_path(run_dir, label), grid_size=grid_size, gap=1)
 
 def _open_tensorboard(run_dir):
@@ -465,7 +481,7 @@ def training_loop(
                                  dict(loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs, encoder_kwargs=encoder_kwargs))
         return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=False)
     data = _open_data(dataset_kwargs, data_loader_kwargs, state, sampler_seed, cur_nimg, batch_gpu, device)
-    net = _build_network(network_kwargs, data.dataset, device, fast, compile, batch_gpu, num_accumulation_rounds)
+    net = _build_network(network_kwargs, data.dataset, device, fast, compile, batch_gpu, num_accumulation_rounds, encoder_kwargs)
 
     # Setup optimizer, EMA and the training step.
     dist.print0('Setting up optimizer...')
@@ -504,7 +520,7 @@ def training_loop(
     stop.install()
     warned_stalled = False # the loss-scale warning is printed once
     fractional = not float(kimg_per_tick).is_integer() # fractional ticks (--tick=0.25) show and name the exact kimg
-    next_batch = _batch_source(data.iterator, device)
+    next_batch = _batch_source(data.iterator, device, step.encoder)
     p = progress
     try:
         while True:
