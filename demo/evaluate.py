@@ -30,7 +30,7 @@ import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training.network_io import load_network_pkl # pylint: disable=wrong-import-position
 from training.sampling import StackedRandomGenerator, edm_sampler # pylint: disable=wrong-import-position
-from training.sampling_cli import check_guidance, parse_guidance_interval # pylint: disable=wrong-import-position
+from training.sampling_cli import check_guidance, check_guidance_options # pylint: disable=wrong-import-position
 from training.generation_edm2 import edm2_sampler, is_edm2_network # pylint: disable=wrong-import-position
 from training import solvers # pylint: disable=wrong-import-position
 from fid import calculate_fid_from_inception_stats # pylint: disable=wrong-import-position
@@ -222,7 +222,7 @@ def main(network_pkl, num, steps, solver, batch, device, guidance, gnet_pkl, gui
             check_guidance(net, gnet, guidance)
         elif guidance != 1 and gnet is None:
             raise ValueError('--guidance: an EDM2 network is guided by a --gnet (autoguidance)')
-        guidance_interval = parse_guidance_interval(guidance_interval)
+        guidance_interval = check_guidance_options(guidance, gnet_pkl, guidance_interval)
         if guidance_interval is not None and is_edm2_network(net):
             raise ValueError('--guidance-interval: the EDM2 sampler guides at every noise level')
         nfes = [int(x) for x in nfe_list.split(',')]

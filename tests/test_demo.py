@@ -73,3 +73,8 @@ def test_demo_samples_are_recognisable_digits():
     accuracy = (classifier.predict(to_digit_scale(images)) == classes).mean()
     print(f'classifier accuracy on 40 demo samples: {accuracy:.3f}')
     assert accuracy >= 0.8
+
+def test_evaluate_refuses_guidance_options_without_guidance():
+    res = run_script(['demo/evaluate.py', '--network=demo/edm-digits-16x16-cond.pkl', '--gnet=demo/edm-digits-16x16-guide.pkl',
+                      '--num=10', '--device=cpu'], check=False)
+    assert res.returncode != 0 and 'Error: --gnet has no effect without --guidance' in res.stderr, res.stderr
