@@ -513,7 +513,7 @@ def main(**kwargs):
     that continues it, and exits with status 0.
 
     \b
-    # A small CPU run that finishes in minutes (README: the digits dataset)
+    # A small CPU run that finishes in minutes (README.md, "Training new models")
     python train.py --device=cpu --outdir=training-runs --data=datasets/digits-16x16.zip \\
         --cond=1 --cbase=32 --cres=1,2,2 --batch=64 --augment=0 \\
         --duration=0.02 --tick=2 --snap=5 --dump=5 --lr-rampup=2

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+os.environ.setdefault('HF_HUB_OFFLINE', '1') # the tests never download (diffusers' VAE weights), here or in subprocesses
 
 
 def fixture_file(name):

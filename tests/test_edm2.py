@@ -217,6 +217,55 @@ def test_stability_vae_encoder_names_what_is_missing(tmp_path):
     assert res.stderr.strip().splitlines()[-1] == ('ImportError: StabilityVAEEncoder needs the diffusers package for the VAE '
                                                    'stabilityai/sd-vae-ft-mse (pip install diffusers)')
 
+def _tiny_vae(folder, safe_serialization=True):
+    """A small diffusers AutoencoderKL (factor 2, 4 latent channels) with random weights, saved as save_pretrained does."""
+    diffusers = pytest.importorskip('diffusers')
+    torch.manual_seed(0)
+    vae = diffusers.models.AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
+                                         block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)
+    vae.save_pretrained(str(folder), safe_serialization=safe_serialization)
+    return vae.eval()
+
+def test_stability_vae_encoder_whitens_and_decodes_with_a_local_vae(tmp_path):
+    # A VAE folder in place of the default name: the latents are whitened by raw_mean/raw_std -> final_mean/final_std,
+    # decoding undoes it, and the pickled encoder carries the name, not the VAE.
+    vae = _tiny_vae(tmp_path / 'vae')
+    encoder = encoders.StabilityVAEEncoder(vae_name=str(tmp_path / 'vae'), batch_size=2)
+    pixels = torch.randint(0, 256, [3, 3, 16, 16], dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean_std = encoder.encode_pixels(pixels)
+    assert mean_std.shape == (3, 8, 8, 8)
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(torch.float32) / 255)['latent_dist']
+    torch.testing.assert_close(mean_std, torch.cat([dist.mean, dist.std], dim=1))
+    mean = torch.cat([dist.mean, torch.zeros_like(dist.std)], dim=1) # std 0: the draw is the mean
+    latents = encoder.encode_latents(mean)
+    raw_mean, raw_std = torch.tensor([5.81, 3.25, 0.12, -2.15]), torch.tensor([4.17, 4.62, 3.71, 3.28])
+    torch.testing.assert_close(latents, (dist.mean - raw_mean.reshape(1, 4, 1, 1)) / raw_std.reshape(1, 4, 1, 1) * 0.5)
+    restored = pickle.loads(pickle.dumps(encoder))
+    assert restored._vae is None and restored.vae_name == str(tmp_path / 'vae')
+    with torch.no_grad():
+        expected = (vae.decode(dist.mean)['sample'].clamp(0, 1) * 255).to(torch.uint8)
+    images = restored.decode(latents)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 16, 16)
+    assert (images.int() - expected.int()).abs().max() <= 1 # float rounding of the whitening round trip
+
+def test_stability_vae_encoder_loads_no_pickled_weights(tmp_path):
+    """A VAE folder whose weights are a pickle (diffusion_pytorch_model.bin) is refused in one line; the pickle never runs."""
+    _tiny_vae(tmp_path / 'vae', safe_serialization=False)
+    marker = tmp_path / 'pwned'
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+    with open(tmp_path / 'vae' / 'diffusion_pytorch_model.bin', 'wb') as f:
+        pickle.dump(Payload(), f)
+    script = tmp_path / 'decode.py'
+    script.write_text('import sys, torch\nfrom training.encoders import StabilityVAEEncoder\n'
+                      f'StabilityVAEEncoder(vae_name={str(tmp_path / "vae")!r}).decode(torch.zeros([1, 4, 8, 8]))\n')
+    res = run_script([script], check=False)
+    assert res.returncode != 0 and not marker.exists()
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'OSError: StabilityVAEEncoder: {tmp_path / "vae"} holds no AutoencoderKL with safetensors weights'), last
+
 #----------------------------------------------------------------------------
 # Pickles written here hold what the release's pickles hold.
 
@@ -339,12 +388,12 @@ def _latent_dataset(path, num=16):
 
 def test_edm2_run_trains_on_vae_latents_and_resumes_bit_for_bit(tmp_path):
     # 8-channel latents (EDM2's ImageNet-512 datasets): StabilityVAEEncoder draws the network's 4-channel data from each
-    # mean and std; without the VAE (diffusers) the run trains and says that it writes no sample grid.
+    # mean and std; without the VAE (diffusers or its weights) the run trains and says that it writes no sample grid.
     data = _latent_dataset(tmp_path / 'latents.zip')
     args = ['train.py', f'--data={data}', '--cond=1', '--preset=edm2-img512-xs', '--cbase=8', '--cres=1,2', '--batch=16',
             '--tick=0.5', '--snap=1', '--dump=1', '--lr-rampup=1', '--seed=0', '--workers=0', '--device=cpu']
     res = run_script(args + [f'--outdir={tmp_path / "full"}', '--duration=0.001'])
-    assert 'No sample grid with this snapshot: StabilityVAEEncoder needs the diffusers package' in res.stdout
+    assert 'No sample grid with this snapshot: StabilityVAEEncoder' in res.stdout # no diffusers, or no VAE weights (offline)
     run_script(args + [f'--outdir={tmp_path / "split"}', '--duration=0.0005'])
     (first,) = glob.glob(str(tmp_path / 'split' / '0*'))
     run_script(args + [f'--outdir={tmp_path / "split"}', '--duration=0.001', f'--resume={first}'])

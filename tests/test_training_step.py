@@ -59,3 +59,19 @@ def test_learning_rate_ramps_up():
     step.lr_rampup_kimg = 2
     step(_batches(torch.zeros([8, 3, 8, 8]), 1), cur_nimg=500)
     assert step.optimizer.param_groups[0]['lr'] == pytest.approx(1e-2 * 500 / 2000)
+
+@pytest.mark.parametrize('nonfinite_grad', [1e5, 0])
+def test_infinite_gradients_are_clamped_as_the_recipe_says(nonfinite_grad):
+    # The reference clamps an infinite gradient to +-1e5 and steps; EDM2 (training/training_loop.py passes 0 for an
+    # EDM2 run) zeroes it, so that an overflowed float16 entry leaves its weight where it was. NaN becomes 0 in both.
+    step = _step(1)
+    step.nonfinite_grad = nonfinite_grad
+    step.accumulate_gradients(_batches(torch.rand([8, 3, 8, 8]) * 2 - 1, 1))
+    param = next(p for p in step.net.parameters() if p.ndim > 1)
+    param.grad[0].fill_(float('inf'))
+    param.grad[1].fill_(float('nan'))
+    before = param.detach().clone()
+    step.update_weights(cur_nimg=1000)
+    lr = step.optimizer.param_groups[0]['lr'] # SGD: the weight moves by -lr times the gradient
+    torch.testing.assert_close(param[0].detach(), before[0] - lr * nonfinite_grad)
+    assert torch.equal(param[1].detach(), before[1])

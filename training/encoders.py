@@ -113,7 +113,9 @@ class StabilityVAEEncoder(Encoder):
 #----------------------------------------------------------------------------
 
 def load_stability_vae(vae_name='stabilityai/sd-vae-ft-mse', device=torch.device('cpu')):
-    """The diffusers AutoencoderKL `vae_name`, from the cache (dnnlib's 'diffusers' folder) or downloaded once."""
+    """The diffusers AutoencoderKL `vae_name`: a local folder (as save_pretrained writes it), or a model name
+    from the cache (dnnlib's 'diffusers' folder) or downloaded once. Safetensors weights only, never a pickle:
+    vae_name may come from a file (a pickle's encoder, a run's options)."""
     import dnnlib # pylint: disable=import-outside-toplevel
     cache_dir = dnnlib.make_cache_dir_path('diffusers')
     os.environ['HF_HUB_DISABLE_SYMLINKS_WARNING'] = '1'
@@ -123,15 +125,22 @@ def load_stability_vae(vae_name='stabilityai/sd-vae-ft-mse', device=torch.device
         import diffusers # pylint: disable=import-outside-toplevel
     except ImportError:
         raise ImportError(f'StabilityVAEEncoder needs the diffusers package for the VAE {vae_name} (pip install diffusers)') from None
-    # The cache first, so that no network access happens once the weights are there; safetensors weights only, never
-    # a pickle: vae_name may come from a file (a pickle's encoder, a run's options).
-    try:
-        vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError):
+    diffusers.utils.logging.set_verbosity_error() # its advice on optional packages is not ours to print
+    load = lambda **kwargs: diffusers.models.AutoencoderKL.from_pretrained(vae_name, use_safetensors=True, **kwargs)
+    if os.path.isdir(vae_name):
         try:
-            vae = diffusers.models.AutoencoderKL.from_pretrained(vae_name, cache_dir=cache_dir, use_safetensors=True)
+            vae = load(local_files_only=True)
         except (OSError, ValueError) as err:
-            raise IOError(f'StabilityVAEEncoder: the VAE weights {vae_name} are neither in {cache_dir} nor downloadable ({type(err).__name__})') from None
+            raise IOError(f'StabilityVAEEncoder: {vae_name} holds no AutoencoderKL with safetensors weights '
+                          f'({str(err).splitlines()[0] if str(err) else type(err).__name__})') from None
+    else:
+        try: # the cache first, so that no network access happens once the weights are there
+            vae = load(cache_dir=cache_dir, local_files_only=True)
+        except (OSError, ValueError):
+            try:
+                vae = load(cache_dir=cache_dir)
+            except (OSError, ValueError) as err:
+                raise IOError(f'StabilityVAEEncoder: the VAE weights {vae_name} are neither in {cache_dir} nor downloadable ({type(err).__name__})') from None
     return vae.eval().requires_grad_(False).to(device)
 
 #----------------------------------------------------------------------------

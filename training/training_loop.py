@@ -150,7 +150,7 @@ def _finish_complete_run(run_dir, state, resume_state_dump, cur_nimg, total_kimg
 
 class TrainingStep:
     """One training step: the gradients of batch_size images (over all processes), accumulated in rounds;
-    the optimizer step with the learning rate ramp-up (float16 networks: with the dynamic loss scale); the
+    the optimizer step with the learning rate ramp-up (float16 EDM networks: with the dynamic loss scale); the
     EMA update. `step(next_batch, cur_nimg)` runs it, next_batch() giving (images in [-1, 1], labels) on the
     device. The training loop and bench/bench.py both run this."""
 
@@ -175,6 +175,7 @@ class TrainingStep:
         phema                   = None,     # training.phema.PowerFunctionEMA, None = disable.
         lr_kwargs               = None,     # Learning rate schedule lr(cur_nimg, batch_size) by func_name (EDM2), None = lr with the ramp-up.
         encoder                 = None,     # Encoder of an EDM2 run, kept for its snapshots (the data is in [-1, 1] either way).
+        nonfinite_grad          = 1e5,      # Infinite gradients become +-this before the step (the reference: 1e5; EDM2: 0); NaN become 0.
     ):
         self.net, self.ema, self.loss_fn, self.optimizer, self.augment_pipe = net, ema, loss_fn, optimizer, augment_pipe
         self.ddp = ddp if ddp is not None else net
@@ -184,7 +185,7 @@ class TrainingStep:
         self.batch_gpu = self.batch_gpu_total // num_accumulation_rounds
         self.loss_scale, self.loss_scaling, self.lr_rampup_kimg = loss_scale, loss_scaling, lr_rampup_kimg
         self.ema_halflife_kimg, self.ema_rampup_ratio, self.fast, self.phema = ema_halflife_kimg, ema_rampup_ratio, fast, phema
-        self.lr_kwargs, self.encoder = (dict(lr_kwargs) if lr_kwargs else None), encoder
+        self.lr_kwargs, self.encoder, self.nonfinite_grad = (dict(lr_kwargs) if lr_kwargs else None), encoder, nonfinite_grad
         self.autocast_dtype = torch.bfloat16 if precision == 'bf16' else None
         device = next(net.parameters()).device
         self.loss_sum = torch.zeros([], dtype=torch.float64, device=device) # this rank's loss sum of the tick: read once per tick
@@ -226,7 +227,7 @@ class TrainingStep:
             return
         for param in self.net.parameters():
             if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+                torch.nan_to_num(param.grad, nan=0, posinf=self.nonfinite_grad, neginf=-self.nonfinite_grad, out=param.grad)
         self.optimizer.step()
 
     def update_ema(self, cur_nimg):
@@ -403,7 +404,7 @@ def _save_snapshot(run_dir, label, step, dataset_kwargs, device, safetensors=Fal
     grid_size = (8, 8) if device.type == 'cuda' else (4, 4)
     try:
         images = sample_grid_images(step.ema, grid_size[0] * grid_size[1], device, encoder=step.encoder)
-    except ImportError as err: # a latent run where the VAE that decodes the grid is not installed
+    except (ImportError, OSError) as err: # a latent run where the VAE that decodes the grid (diffusers, its weights) is missing
         print(f'No sample grid with this snapshot: {err}')
         return
     save_image_grid(images, training_state.samples_path(run_dir, label), grid_size=grid_size, gap=1)
@@ -490,13 +491,15 @@ def training_loop(
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs, **fused) # subclass of torch.optim.Optimizer
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None # training.augment.AugmentPipe
     ddp = _wrap_ddp(net, device) if world_size > 1 else net
+    edm2 = lr_kwargs is not None # an EDM2 run: float16 as the release trains it, the loss unscaled and non-finite gradients zeroed
     step = TrainingStep(net=net, ema=copy.deepcopy(net).eval().requires_grad_(False), loss_fn=loss_fn, optimizer=optimizer,
                         batch_size=batch_size, lr=optimizer_kwargs['lr'], num_accumulation_rounds=num_accumulation_rounds,
                         augment_pipe=augment_pipe, ddp=ddp, train_net=(torch.compile(ddp) if compile else ddp),
-                        loss_scale=(DynamicLossScale(loss_scaling, device=device) if getattr(net, 'use_fp16', False) else None),
+                        loss_scale=(DynamicLossScale(loss_scaling, device=device) if getattr(net, 'use_fp16', False) and not edm2 else None),
                         loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                         ema_rampup_ratio=ema_rampup_ratio, precision=precision, fast=fast, lr_kwargs=lr_kwargs,
-                        encoder=(dnnlib.util.construct_class_by_name(**encoder_kwargs) if encoder_kwargs else None))
+                        encoder=(dnnlib.util.construct_class_by_name(**encoder_kwargs) if encoder_kwargs else None),
+                        nonfinite_grad=(0 if edm2 else 1e5))
 
     # Resume training: weights, progress, random streams; power-function EMAs (training/phema.py).
     training_state.resume_weights(step, state, resume_state_dump, resume_pkl=resume_pkl, allow_code=allow_code)
