@@ -1,6 +1,8 @@
 """Convert an image folder, an image zip, CIFAR-10, MNIST or an LSUN lmdb into
 the dataset format that training/dataset.py reads: a zip or a folder of
-uncompressed PNGs named 00000/img00000000.png, ... plus dataset.json."""
+uncompressed PNGs named 00000/img00000000.png, ... plus dataset.json; or
+encode such a dataset into the VAE latents of EDM2's latent models
+(00000/img-mean-std-00000000.npy, ...), as EDM2's `dataset_tool.py encode`."""
 
 import contextlib
 import functools
@@ -70,6 +72,8 @@ def decode_image(data, name):
                     pil_img = pil_img.convert('RGBA' if 'transparency' in pil_img.info else 'RGB')
                 elif pil_img.mode == '1':
                     pil_img = pil_img.convert('L')
+                elif pil_img.mode in ('CMYK', 'YCbCr', 'LAB', 'HSV'): # (a few ImageNet JPEGs are CMYK)
+                    pil_img = pil_img.convert('RGB')
                 img = np.array(pil_img)
         except PIL.UnidentifiedImageError:
             raise ValueError(f'{name}: not a readable image (unknown format or corrupt file)') from None
@@ -344,6 +348,8 @@ def open_dataset(source, *, max_images):
 # Transforms: each maps an HWC/HW uint8 array to the output size, or to None
 # to skip an image that is too small.
 
+TRANSFORMS = ['center-crop', 'center-crop-wide', 'center-crop-dhariwal']
+
 def _resize(img, width, height):
     return np.array(PIL.Image.fromarray(img).resize((width, height), PIL.Image.LANCZOS))
 
@@ -374,6 +380,19 @@ def center_crop_wide(width, height, img):
     canvas[(width - height) // 2 : (width + height) // 2] = img # middle rows of a black square
     return canvas
 
+def center_crop_dhariwal(size, img):
+    # ADM's ImageNet crop (Dhariwal & Nichol 2021), as EDM2 prepares ImageNet: halve by box filtering while the short
+    # side is at least twice the size, scale the short side to the size (bicubic), crop the centre; RGB, as EDM2 loads.
+    img = img[:, :, 0] if img.ndim == 3 and img.shape[2] == 2 else img # grayscale with alpha
+    pil_image = PIL.Image.fromarray(_rgb(img)[:, :, :3])
+    while min(*pil_image.size) >= 2 * size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=PIL.Image.BOX)
+    scale_factor = size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale_factor) for x in pil_image.size), resample=PIL.Image.BICUBIC)
+    img = np.array(pil_image)
+    crop_y, crop_x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+    return img[crop_y : crop_y + size, crop_x : crop_x + size]
+
 def make_transform(transform, output_width, output_height):
     if transform is None:
         return functools.partial(scale, output_width, output_height)
@@ -385,7 +404,11 @@ def make_transform(transform, output_width, output_height):
         if output_height > output_width:
             raise ValueError(f'--transform=center-crop-wide needs W >= H in --resolution, got {output_width}x{output_height}')
         return functools.partial(center_crop_wide, output_width, output_height)
-    raise ValueError(f'unknown --transform {transform!r}; expected center-crop or center-crop-wide')
+    if transform == 'center-crop-dhariwal':
+        if output_width != output_height:
+            raise ValueError(f'--transform=center-crop-dhariwal needs W = H in --resolution, got {output_width}x{output_height}')
+        return functools.partial(center_crop_dhariwal, output_width)
+    raise ValueError(f'unknown --transform {transform!r}; expected {", ".join(TRANSFORMS)}')
 
 #----------------------------------------------------------------------------
 # Destination: a zip or a folder that appears only once complete.
@@ -502,13 +525,51 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
         print(f'Skipped {num_skipped} images smaller than {width}x{height}.')
     return len(labels)
 
+def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_images=None, device=None):
+    """Encode the images of `source` (any source that convert reads, usually a converted dataset) into the VAE latents
+    of EDM2's latent models: `dest` (.zip or folder) of 00000/img-mean-std-00000000.npy, each float32 [8, H/8, W/8],
+    the mean and standard deviation of the 4 latent channels; plus dataset.json. Returns the number of images."""
+    import torch # pylint: disable=import-outside-toplevel
+    from torch_utils import misc # pylint: disable=import-outside-toplevel
+    from training.encoders import StabilityVAEEncoder # pylint: disable=import-outside-toplevel
+    PIL.Image.init()
+    if max_images is not None and max_images < 1:
+        raise ValueError(f'--max-images must be at least 1, got {max_images}')
+    if not os.path.exists(source):
+        raise ValueError(f'source not found: {source}')
+    check_dest(dest, source)
+    device = misc.choose_device(device)
+    vae = StabilityVAEEncoder(vae_name=model_url, batch_size=1)
+    vae.init(device) # the VAE's errors (no diffusers, no weights) before any work
+    num_files, input_iter = open_dataset(source, max_images=max_images)
+    labels = []
+    with open_dest(dest) as save_bytes, tqdm(total=num_files, unit='img') as bar:
+        for idx, image in enumerate(input_iter):
+            bar.update(1)
+            img = _rgb(image['img'])
+            if img.shape[2] != 3:
+                raise ValueError(f'{image["name"]}: {img.shape[2]} channels; the VAE encodes RGB or grayscale images')
+            with torch.no_grad():
+                mean_std = vae.encode_pixels(torch.from_numpy(img).to(device).permute(2, 0, 1).unsqueeze(0))[0].cpu()
+            idx_str = f'{idx:08d}'
+            archive_fname = f'{idx_str[:5]}/img-mean-std-{idx_str}.npy'
+            buf = io.BytesIO()
+            np.save(buf, mean_std.numpy())
+            save_bytes(archive_fname, buf.getvalue())
+            labels.append([archive_fname, image['label']] if image['label'] is not None else None)
+        if not labels:
+            raise ValueError(f'no images found in {source}')
+        metadata = dict(labels=labels if all(x is not None for x in labels) else None)
+        save_bytes('dataset.json', json.dumps(metadata).encode('utf-8'))
+    return len(labels)
+
 #----------------------------------------------------------------------------
 
 @click.command()
 @click.option('--source',     help='Input folder, *_lmdb folder or archive', required=True, metavar='PATH')
 @click.option('--dest',       help='Output .zip file or (empty) folder', required=True, metavar='PATH')
 @click.option('--max-images', help='Convert at most this many images', type=int, default=None, metavar='INT')
-@click.option('--transform',  help='Crop/resize mode', type=click.Choice(['center-crop', 'center-crop-wide']))
+@click.option('--transform',  help='Crop/resize mode', type=click.Choice(TRANSFORMS))
 @click.option('--resolution', help='Output resolution, e.g. 512x512', metavar='WxH')
 def main(source, dest, max_images, transform, resolution):
     """Convert an image dataset into the zip or folder format used for training.
@@ -530,6 +591,13 @@ def main(source, dest, max_images, transform, resolution):
           --dest=datasets/ffhq-64x64.zip --resolution=64x64
       python dataset_tool.py --source=downloads/afhqv2 \\
           --dest=datasets/afhqv2-64x64.zip --resolution=64x64 --transform=center-crop
+
+    \b
+    EDM2's command forms work too: `dataset_tool.py convert` is this command,
+    and `dataset_tool.py encode` writes the VAE latents of a dataset (--help):
+      python dataset_tool.py convert --source=downloads/imagenet/ILSVRC/Data/CLS-LOC/train \\
+          --dest=datasets/img512.zip --resolution=512x512 --transform=center-crop-dhariwal
+      python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
     """
     try:
         convert_dataset(source=source, dest=dest, max_images=max_images, transform=transform,
@@ -539,7 +607,33 @@ def main(source, dest, max_images, transform, resolution):
 
 #----------------------------------------------------------------------------
 
+@click.command()
+@click.option('--model-url',  help='The VAE: a diffusers model name or a local folder', metavar='NAME', default='stabilityai/sd-vae-ft-mse', show_default=True)
+@click.option('--source',     help='Input dataset (folder or zip of images)', required=True, metavar='PATH')
+@click.option('--dest',       help='Output .zip file or (empty) folder', required=True, metavar='PATH')
+@click.option('--max-images', help='Encode at most this many images', type=int, default=None, metavar='INT')
+@click.option('--device',     help='Device  [default: cuda when available, else cpu]', metavar='STR', default=None)
+def encode(model_url, source, dest, max_images, device):
+    """Encode a dataset into the VAE latents of EDM2's latent models (needs diffusers and the VAE's safetensors weights).
+
+    \b
+    Example (EDM2's ImageNet-512):
+      python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    """
+    try:
+        encode_dataset(source=source, dest=dest, model_url=model_url, max_images=max_images, device=device)
+    except (ValueError, OSError, ImportError) as err:
+        raise click.ClickException(str(err)) from None
+
+COMMANDS = dict(convert=main, encode=encode) # EDM2's subcommands; without one, the reference's command line
+
+#----------------------------------------------------------------------------
+
 if __name__ == "__main__":
-    main() # pylint: disable=no-value-for-parameter
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        name = sys.argv[1]
+        COMMANDS[name](args=sys.argv[2:], prog_name=f'{os.path.basename(sys.argv[0])} {name}') # pylint: disable=no-value-for-parameter
+    else:
+        main() # pylint: disable=no-value-for-parameter
 
 #----------------------------------------------------------------------------

@@ -274,6 +274,77 @@ def test_center_crop_wide_is_the_reference_where_it_keeps_the_aspect(tmp_path, c
     assert not np.array_equal(out[archive_name(2)], reference[2])
     np.testing.assert_array_equal(out[archive_name(2)], expected_transform(sources[2], 'center-crop-wide', 16, 8))
 
+def adm_center_crop(img, size):
+    """ADM's ImageNet crop as its authors describe it: halve by box filter while the short side is >= 2 size,
+    bicubic to a short side of size, centre crop; RGB input."""
+    pil = PIL.Image.fromarray(img).convert('RGB')
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize((pil.size[0] // 2, pil.size[1] // 2), PIL.Image.BOX)
+    pil = pil.resize(tuple(round(x * size / min(pil.size)) for x in pil.size), PIL.Image.BICUBIC)
+    left, top = (pil.size[0] - size) // 2, (pil.size[1] - size) // 2
+    return np.array(pil.crop((left, top, left + size, top + size)))
+
+def test_center_crop_dhariwal_and_edm2s_convert_command(tmp_path):
+    # EDM2's ImageNet preparation: `dataset_tool.py convert ... --transform=center-crop-dhariwal` (EDM2's command form
+    # of this tool); grayscale and CMYK JPEGs come out RGB, as EDM2 loads every image.
+    rng = np.random.default_rng(8)
+    sources = {'0.png': random_image(rng, 100, 60), '1.png': random_image(rng, 33, 70, channels=1), '2.png': random_image(rng, 16, 16)}
+    for name, img in sources.items():
+        write_image(tmp_path / 'src' / name, img)
+    cmyk = PIL.Image.fromarray(random_image(rng, 40, 50)).convert('CMYK')
+    cmyk.save(tmp_path / 'src' / '3.jpg', quality=95)
+    with PIL.Image.open(tmp_path / 'src' / '3.jpg') as f:
+        sources['3.jpg'] = np.array(f.convert('RGB'))
+    run_tool('convert', '--source', tmp_path / 'src', '--dest', tmp_path / 'out.zip', '--resolution', '16x16', '--transform', 'center-crop-dhariwal')
+    out, _ = read_dataset(tmp_path / 'out.zip')
+    assert sorted(out) == [archive_name(i) for i in range(4)]
+    for i, img in enumerate(sources.values()):
+        np.testing.assert_array_equal(out[archive_name(i)], adm_center_crop(img, 16))
+    res = run_tool('convert', '--source', tmp_path / 'src', '--dest', tmp_path / 'bad.zip', '--resolution', '16x8',
+                   '--transform', 'center-crop-dhariwal', check=False)
+    assert_clean_failure(res, 'center-crop-dhariwal needs W = H', tmp_path, tmp_path / 'bad.zip')
+    # `convert` is the reference's command line: the same dataset.
+    run_tool('--source', tmp_path / 'src', '--dest', tmp_path / 'ref.zip', '--resolution', '16x16', '--transform', 'center-crop')
+    run_tool('convert', '--source', tmp_path / 'src', '--dest', tmp_path / 'same.zip', '--resolution', '16x16', '--transform', 'center-crop')
+    ref, same = read_dataset(tmp_path / 'ref.zip'), read_dataset(tmp_path / 'same.zip')
+    assert sorted(ref[0]) == sorted(same[0]) and all(np.array_equal(ref[0][k], same[0][k]) for k in ref[0]) and ref[1] == same[1]
+
+def test_encode_writes_edm2s_latent_dataset(tmp_path):
+    # `dataset_tool.py encode` (EDM2's) with a VAE folder: per image the mean and std of the latent distribution,
+    # float32 [8, H/f, W/f], under EDM2's names, with the labels; training/dataset.py reads it as 8-channel data.
+    diffusers = pytest.importorskip('diffusers')
+    import torch # pylint: disable=import-outside-toplevel
+    from training.dataset import ImageFolderDataset # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    vae = diffusers.models.AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
+                                         block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8).eval()
+    vae.save_pretrained(str(tmp_path / 'vae'))
+    rng = np.random.default_rng(9)
+    images = [random_image(rng, 16, 16) for _ in range(4)]
+    for i, img in enumerate(images):
+        write_image(tmp_path / 'src' / ('a' if i % 2 else 'b') / f'{i}.png', img)
+    run_tool('convert', '--source', tmp_path / 'src', '--dest', tmp_path / 'pixels.zip')
+    res = run_tool('encode', '--model-url', tmp_path / 'vae', '--source', tmp_path / 'pixels.zip', '--dest', tmp_path / 'latents.zip',
+                   '--device', 'cpu')
+    assert 'Traceback' not in res.stderr
+    pixels, pixel_labels = read_dataset(tmp_path / 'pixels.zip')
+    with zipfile.ZipFile(tmp_path / 'latents.zip') as z:
+        names = sorted(n for n in z.namelist() if n != 'dataset.json')
+        assert names == [f'00000/img-mean-std-{i:08d}.npy' for i in range(4)]
+        labels = json.loads(z.read('dataset.json'))['labels']
+        latents = {n: np.load(io.BytesIO(z.read(n)), allow_pickle=False) for n in names}
+    assert [label for _, label in labels] == [label for _, label in pixel_labels] and [n for n, _ in labels] == names
+    for name, pixel_name in zip(names, sorted(pixels)):
+        with torch.no_grad():
+            dist = vae.encode(torch.from_numpy(pixels[pixel_name]).permute(2, 0, 1).unsqueeze(0).float() / 255)['latent_dist']
+        assert latents[name].dtype == np.float32 and latents[name].shape == (8, 8, 8)
+        np.testing.assert_allclose(latents[name], torch.cat([dist.mean, dist.std], dim=1)[0].numpy(), rtol=1e-5, atol=1e-6)
+    dataset = ImageFolderDataset(str(tmp_path / 'latents.zip'), use_labels=True)
+    assert dataset.num_channels == 8 and dataset.resolution == 8 and len(dataset) == 4
+    res = run_tool('encode', '--model-url', tmp_path / 'src', '--source', tmp_path / 'pixels.zip', '--dest', tmp_path / 'bad.zip',
+                   '--device', 'cpu', check=False) # not a VAE folder
+    assert_clean_failure(res, 'holds no AutoencoderKL with safetensors weights', tmp_path, tmp_path / 'bad.zip')
+
 #----------------------------------------------------------------------------
 # Bad input: one line, no traceback, non-zero exit, nothing left behind.
 
