@@ -19,7 +19,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import ROOT, digest, fixture_file, run_script, single_thread, subprocess_env
+from conftest import ROOT, digest, fixture_file, run_script, run_torchrun, single_thread, subprocess_env
 
 import train
 from torch_utils import persistence, safe_pickle
@@ -369,6 +369,24 @@ def test_edm2_run_resumes_bit_for_bit(tmp_path):
     again = network_io.load_network_data(os.path.join(full, 'network-snapshot-000002.pkl'), verbose=False)
     assert type(again['encoder']) is encoders.StandardRGBEncoder
     for (na, ta), (nb, tb) in zip(snapshot['ema'].state_dict().items(), again['ema'].state_dict().items()):
+        assert na == nb and torch.equal(ta, tb), na
+
+def test_edm2_run_under_torchrun_trains_one_network_on_both_ranks(tmp_path):
+    # 2 processes (gloo): the forced weight normalisation and the learned uncertainty under DistributedDataParallel.
+    data = _tiny_dataset(tmp_path / 'tiny.zip')
+    res = run_torchrun(['train.py', f'--data={data}', '--cond=1', '--preset=edm2-img64-s', '--cbase=8', '--cres=1,2', '--batch=32',
+                        '--tick=1', '--snap=1', '--dump=1', '--lr-rampup=1', '--seed=0', '--workers=0', '--label-dropout=0.1',
+                        '--duration=0.001', f'--outdir={tmp_path}', '--device=cpu'])
+    assert res.stdout.count('tick 1 ') == 1 # rank 0 prints
+    (run_dir,) = glob.glob(str(tmp_path / '0*'))
+    assert {'phema-000001-0.050.pkl', 'phema-000001-0.100.pkl', 'samples-000001.png'} <= set(os.listdir(run_dir))
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        stats = [json.loads(line) for line in f]
+    assert sum(line['Loss/loss']['num'] for line in stats) == 32 * 32 * 3 * 8 * 8 # both ranks' losses: 32 steps of 32 images
+    state = torch.load(os.path.join(run_dir, 'training-state-000001.pt'), map_location='cpu', weights_only=False)
+    assert len(state['rng_states']) == 2
+    snapshot = network_io.load_network_data(os.path.join(run_dir, 'network-snapshot-000001.pkl'), verbose=False)
+    for (na, ta), (nb, tb) in zip(snapshot['ema'].state_dict().items(), state['ema'].state_dict().items()):
         assert na == nb and torch.equal(ta, tb), na
 
 def _latent_dataset(path, num=16):
