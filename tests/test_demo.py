@@ -1,7 +1,6 @@
 """The demo model: README's first command works offline, and the pickle is a real digits model."""
 
 import os
-import re
 import shlex
 import textwrap
 

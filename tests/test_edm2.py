@@ -22,7 +22,7 @@ import torch
 from conftest import ROOT, digest, fixture_file, run_script, run_torchrun, single_thread, subprocess_env
 
 import train
-from torch_utils import persistence, safe_pickle
+from torch_utils import safe_pickle
 from training import encoders, generation_edm2, loss_edm2, network_io, networks_edm2, phema
 
 NAMES = ['img16-rgb-cond', 'img8-latent-uncond']
