@@ -465,20 +465,29 @@ def open_dest(dest):
 
 #----------------------------------------------------------------------------
 
+def check_source_dest(source, dest, max_images):
+    """The checks before any work, of convert and encode alike."""
+    PIL.Image.init()
+    if max_images is not None and max_images < 1:
+        raise ValueError(f'--max-images must be at least 1, got {max_images}')
+    if not os.path.exists(source):
+        raise ValueError(f'source not found: {source}')
+    check_dest(dest, source)
+
+def save_labels(save_bytes, labels):
+    """dataset.json: [[archive name, label], ...], or null unless every file has a label."""
+    metadata = dict(labels=labels if all(x is not None for x in labels) else None)
+    save_bytes('dataset.json', json.dumps(metadata).encode('utf-8'))
+
 def _describe(attrs):
     return f'{attrs["width"]}x{attrs["height"]} with {attrs["channels"]} channel(s)'
 
 def convert_dataset(source, dest, max_images=None, transform=None, resolution=None):
     """Convert `source` into the dataset `dest` (.zip or folder); return the number of images written.
     Raises ValueError with a one-line message (naming the file) on bad input, leaving nothing at `dest`."""
-    PIL.Image.init()
-    if max_images is not None and max_images < 1:
-        raise ValueError(f'--max-images must be at least 1, got {max_images}')
     width, height = (None, None) if resolution is None else resolution
     transform_image = make_transform(transform, width, height)
-    if not os.path.exists(source):
-        raise ValueError(f'source not found: {source}')
-    check_dest(dest, source)
+    check_source_dest(source, dest, max_images)
     num_files, input_iter = open_dataset(source, max_images=max_images)
 
     dataset_attrs = None
@@ -519,8 +528,7 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
         if dataset_attrs is None:
             raise ValueError(f'no images written: all {num_skipped} images are smaller than --resolution {width}x{height}'
                              if num_skipped else f'no images found in {source}')
-        metadata = dict(labels=labels if all(x is not None for x in labels) else None)
-        save_bytes('dataset.json', json.dumps(metadata).encode('utf-8'))
+        save_labels(save_bytes, labels)
     if num_skipped:
         print(f'Skipped {num_skipped} images smaller than {width}x{height}.')
     return len(labels)
@@ -532,12 +540,7 @@ def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
     import torch # pylint: disable=import-outside-toplevel
     from torch_utils import misc # pylint: disable=import-outside-toplevel
     from training.encoders import StabilityVAEEncoder # pylint: disable=import-outside-toplevel
-    PIL.Image.init()
-    if max_images is not None and max_images < 1:
-        raise ValueError(f'--max-images must be at least 1, got {max_images}')
-    if not os.path.exists(source):
-        raise ValueError(f'source not found: {source}')
-    check_dest(dest, source)
+    check_source_dest(source, dest, max_images)
     device = misc.choose_device(device)
     vae = StabilityVAEEncoder(vae_name=model_url, batch_size=1)
     vae.init(device) # the VAE's errors (no diffusers, no weights) before any work
@@ -559,8 +562,7 @@ def encode_dataset(source, dest, model_url='stabilityai/sd-vae-ft-mse', max_imag
             labels.append([archive_fname, image['label']] if image['label'] is not None else None)
         if not labels:
             raise ValueError(f'no images found in {source}')
-        metadata = dict(labels=labels if all(x is not None for x in labels) else None)
-        save_bytes('dataset.json', json.dumps(metadata).encode('utf-8'))
+        save_labels(save_bytes, labels)
     return len(labels)
 
 #----------------------------------------------------------------------------

@@ -83,6 +83,18 @@ def make_tiny_net(label_dim=0, img_channels=3, img_resolution=8, precond='EDMPre
     return net.eval().requires_grad_(False)
 
 
+def make_tiny_vae(folder, safe_serialization=True):
+    """A small diffusers AutoencoderKL (factor 2, 4 latent channels) with random weights, saved into `folder` as
+    save_pretrained does; skips the test without diffusers."""
+    diffusers = pytest.importorskip('diffusers')
+    import torch
+    torch.manual_seed(0)
+    vae = diffusers.models.AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
+                                         block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)
+    vae.save_pretrained(str(folder), safe_serialization=safe_serialization)
+    return vae.eval()
+
+
 def write_network_pkl(path, net):
     """Write a network pickle in the layout train.py uses."""
     with open(path, 'wb') as f:

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import ROOT, run_script, subprocess_env
+from conftest import ROOT, make_tiny_vae, run_script, subprocess_env
 
 #----------------------------------------------------------------------------
 # Helpers: inputs in the real formats, outputs decoded with PIL.
@@ -312,13 +312,9 @@ def test_center_crop_dhariwal_and_edm2s_convert_command(tmp_path):
 def test_encode_writes_edm2s_latent_dataset(tmp_path):
     # `dataset_tool.py encode` (EDM2's) with a VAE folder: per image the mean and std of the latent distribution,
     # float32 [8, H/f, W/f], under EDM2's names, with the labels; training/dataset.py reads it as 8-channel data.
-    diffusers = pytest.importorskip('diffusers')
     import torch # pylint: disable=import-outside-toplevel
     from training.dataset import ImageFolderDataset # pylint: disable=import-outside-toplevel
-    torch.manual_seed(0)
-    vae = diffusers.models.AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
-                                         block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8).eval()
-    vae.save_pretrained(str(tmp_path / 'vae'))
+    vae = make_tiny_vae(tmp_path / 'vae')
     rng = np.random.default_rng(9)
     images = [random_image(rng, 16, 16) for _ in range(4)]
     for i, img in enumerate(images):

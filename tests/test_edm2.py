@@ -19,7 +19,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import ROOT, digest, fixture_file, run_script, run_torchrun, single_thread, subprocess_env
+from conftest import ROOT, digest, fixture_file, make_tiny_vae, run_script, run_torchrun, single_thread, subprocess_env
 
 import train
 from torch_utils import safe_pickle
@@ -217,19 +217,10 @@ def test_stability_vae_encoder_names_what_is_missing(tmp_path):
     assert res.stderr.strip().splitlines()[-1] == ('ImportError: StabilityVAEEncoder needs the diffusers package for the VAE '
                                                    'stabilityai/sd-vae-ft-mse (pip install diffusers)')
 
-def _tiny_vae(folder, safe_serialization=True):
-    """A small diffusers AutoencoderKL (factor 2, 4 latent channels) with random weights, saved as save_pretrained does."""
-    diffusers = pytest.importorskip('diffusers')
-    torch.manual_seed(0)
-    vae = diffusers.models.AutoencoderKL(down_block_types=['DownEncoderBlock2D'] * 2, up_block_types=['UpDecoderBlock2D'] * 2,
-                                         block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)
-    vae.save_pretrained(str(folder), safe_serialization=safe_serialization)
-    return vae.eval()
-
 def test_stability_vae_encoder_whitens_and_decodes_with_a_local_vae(tmp_path):
     # A VAE folder in place of the default name: the latents are whitened by raw_mean/raw_std -> final_mean/final_std,
     # decoding undoes it, and the pickled encoder carries the name, not the VAE.
-    vae = _tiny_vae(tmp_path / 'vae')
+    vae = make_tiny_vae(tmp_path / 'vae')
     encoder = encoders.StabilityVAEEncoder(vae_name=str(tmp_path / 'vae'), batch_size=2)
     pixels = torch.randint(0, 256, [3, 3, 16, 16], dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     mean_std = encoder.encode_pixels(pixels)
@@ -251,7 +242,7 @@ def test_stability_vae_encoder_whitens_and_decodes_with_a_local_vae(tmp_path):
 
 def test_stability_vae_encoder_loads_no_pickled_weights(tmp_path):
     """A VAE folder whose weights are a pickle (diffusion_pytorch_model.bin) is refused in one line; the pickle never runs."""
-    _tiny_vae(tmp_path / 'vae', safe_serialization=False)
+    make_tiny_vae(tmp_path / 'vae', safe_serialization=False)
     marker = tmp_path / 'pwned'
     class Payload:
         def __reduce__(self):

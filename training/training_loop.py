@@ -316,19 +316,18 @@ def _batch_source(iterator, device, encoder=None):
         return images, labels.to(device, non_blocking=True)
     return next_batch
 
-def _data_channels(dataset_obj, encoder_kwargs):
+def _data_channels(dataset_obj, encoder):
     """Channels of the network's data: the dataset's, or those of its images made the data by an EDM2 run's encoder
     (4 for 8-channel VAE latents: a mean and a std per channel), found on a zero image without touching the random state."""
-    if not encoder_kwargs:
+    if encoder is None:
         return dataset_obj.num_channels
-    encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
     with torch.random.fork_rng(devices=[]):
         return encoder.encode_latents(torch.zeros([1, *dataset_obj.image_shape])).shape[1]
 
-def _build_network(network_kwargs, dataset_obj, device, fast, compile, batch_gpu, num_accumulation_rounds, encoder_kwargs=None):
+def _build_network(network_kwargs, dataset_obj, device, fast, compile, batch_gpu, num_accumulation_rounds, encoder=None):
     """The network to train, in train mode on the device; rank 0 prints its summary."""
     dist.print0('Constructing network...')
-    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=_data_channels(dataset_obj, encoder_kwargs),
+    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=_data_channels(dataset_obj, encoder),
                             label_dim=dataset_obj.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs) # subclass of torch.nn.Module
     net.train().requires_grad_(True).to(device)
@@ -482,7 +481,8 @@ def training_loop(
                                  dict(loss_kwargs=loss_kwargs, augment_kwargs=augment_kwargs, dataset_kwargs=dataset_kwargs, encoder_kwargs=encoder_kwargs))
         return dnnlib.EasyDict(cur_nimg=cur_nimg, stopped=False)
     data = _open_data(dataset_kwargs, data_loader_kwargs, state, sampler_seed, cur_nimg, batch_gpu, device)
-    net = _build_network(network_kwargs, data.dataset, device, fast, compile, batch_gpu, num_accumulation_rounds, encoder_kwargs)
+    encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs) if encoder_kwargs else None # an EDM2 run's, kept with its snapshots
+    net = _build_network(network_kwargs, data.dataset, device, fast, compile, batch_gpu, num_accumulation_rounds, encoder)
 
     # Setup optimizer, EMA and the training step.
     dist.print0('Setting up optimizer...')
@@ -498,7 +498,7 @@ def training_loop(
                         loss_scale=(DynamicLossScale(loss_scaling, device=device) if getattr(net, 'use_fp16', False) and not edm2 else None),
                         loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                         ema_rampup_ratio=ema_rampup_ratio, precision=precision, fast=fast, lr_kwargs=lr_kwargs,
-                        encoder=(dnnlib.util.construct_class_by_name(**encoder_kwargs) if encoder_kwargs else None),
+                        encoder=encoder,
                         nonfinite_grad=(0 if edm2 else 1e5))
 
     # Resume training: weights, progress, random streams; power-function EMAs (training/phema.py).
